@@ -1,0 +1,68 @@
+"""A dense layer over several trailing/leading dims, with logical axis names on its parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Linear(nn.Module):
+    """`y = x · W (+ b)`, contracting the last `in_dims` axes of x with the first of W.
+
+    `fused_bias=True` adds the bias before rounding to `dtype` (PyTorch `F.linear`);
+    `False` rounds the product first and adds the bias in `dtype` (the InternViT reference,
+    which does the matmul and the bias add as two bf16 ops).
+    """
+
+    features: int | Sequence[int]
+    kernel_axes: Sequence[str | None]
+    in_dims: int = 1
+    use_bias: bool = False
+    fused_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.in_dims :]
+        kernel_shape = in_shape + out_shape
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(
+                f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}"
+            )
+        init = self.kernel_init or nn.initializers.variance_scaling(
+            1.0,
+            "fan_in",
+            "truncated_normal",
+            in_axis=tuple(range(self.in_dims)),
+            out_axis=tuple(range(self.in_dims, len(kernel_shape))),
+        )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
+            kernel_shape,
+            self.param_dtype,
+        )
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (contract, ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        if not self.use_bias:
+            return y.astype(self.dtype)
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.kernel_axes[self.in_dims :])),
+            out_shape,
+            self.param_dtype,
+        )
+        if self.fused_bias:
+            return (y + bias.astype(jnp.float32)).astype(self.dtype)
+        return y.astype(self.dtype) + bias.astype(self.dtype)

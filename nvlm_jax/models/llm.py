@@ -1,0 +1,199 @@
+"""Qwen2 / Llama-family decoder: RMSNorm pre-norm, GQA with RoPE, SwiGLU, layers under `nn.scan`.
+
+The KV cache is a dict of stacked arrays (see `init_cache`) that `LLM.__call__` reads and
+returns updated; generation code owns the loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from nvlm_jax.config import LLMConfig
+from nvlm_jax.models.attention import MaskSpec, attention
+from nvlm_jax.models.linear import Linear
+from nvlm_jax.models.norms import RMSNorm
+from nvlm_jax.models.remat import remat_policy
+
+Cache = dict[str, jax.Array]
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [batch, seq, head_dim] for rotate-half RoPE (angles in f32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [batch, seq, heads, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
+    """An empty KV cache: k/v `[layers, batch, max_len, kv_heads, head_dim]`, plus the segment
+    ids (0 = empty slot) and positions of what each slot holds, `[batch, max_len]`."""
+    kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(kv_shape, dtype),
+        "v": jnp.zeros(kv_shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+    }
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Linear(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **dense)(x)
+        up = Linear(self.intermediate_size, ("embed", "mlp"), name="up_proj", **dense)(x)
+        h = nn.silu(gate) * up
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return Linear(self.hidden_size, ("mlp", "embed"), name="down_proj", **dense)(h)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer; the scan carry is the residual stream `[batch, seq, embed]`."""
+
+    cfg: LLMConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, mask: MaskSpec, cache_index):
+        c = self.cfg
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = dict(eps=c.rms_norm_eps, **dense)
+        h = RMSNorm(name="input_layernorm", **norm)(x)
+        qkv = dict(use_bias=c.qkv_bias, **dense)
+        q = Linear((c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **qkv)(h)
+        k = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **qkv)(h)
+        v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            at = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
+            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        o = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.attention_impl)
+        o = nn.with_logical_constraint(o, ("activation_batch", "activation_length", "activation_heads", None))
+        x = x + Linear(c.hidden_size, ("q_heads", "head_dim", "embed"), in_dims=2, name="o_proj", **dense)(o)
+        h = RMSNorm(name="post_attention_layernorm", **norm)(x)
+        x = x + MLP(c.hidden_size, c.intermediate_size, name="mlp", **dense)(h)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_cache
+
+
+class LLM(nn.Module):
+    """The decoder. Call with token ids or with ready input embeddings."""
+
+    cfg: LLMConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat: str = "none"
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            self.param_dtype,
+        )
+        layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False) if (
+            self.remat != "none") else DecoderLayer
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.dtype, self.param_dtype, self.attention_impl, name="layers")
+        self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(
+                c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.normal(0.02), name="lm_head",
+            )
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """[batch, seq] int → [batch, seq, embed] in the compute dtype."""
+        x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+        return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [batch, seq, embed] → f32 logits [batch, seq, vocab]."""
+        if self.cfg.tie_word_embeddings:
+            out = jnp.einsum(
+                "bse,ve->bsv", hidden, self.embed_tokens.astype(self.dtype),
+                preferred_element_type=jnp.float32,
+            ).astype(self.dtype)
+        else:
+            out = self.lm_head(hidden)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+        return_hidden: bool = False,
+    ):
+        """Runs the decoder.
+
+        input_ids: [batch, seq] (or `inputs_embeds` [batch, seq, embed]); positions: [batch, seq]
+        (default arange, or continuing after `cache_index` with a cache); segment_ids: [batch, seq]
+        (0 = padding; default all 1). With `cache`, the new keys/values are written at
+        `cache_index` and attention covers the whole cache.
+
+        Returns (logits [batch, seq, vocab] f32, new cache or None), and the final-normed hidden
+        state as a third element when `return_hidden`.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, s = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + cache_index, (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        layer_cache = None
+        if cache is None:
+            mask = MaskSpec(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                            q_positions=positions, kv_positions=positions)
+        else:
+            kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
+            kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, cache_index))
+            mask = MaskSpec(causal=True, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
+                            q_positions=positions, kv_positions=kv_pos)
+            layer_cache = {"k": cache["k"], "v": cache["v"]}
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        x, new_layer_cache = self.layers(x, layer_cache, cos, sin, mask, cache_index)
+        hidden = self.norm(x)
+        logits = self.logits(hidden)
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(new_layer_cache, segment_ids=kv_seg, positions=kv_pos)
+        if return_hidden:
+            return logits, new_cache, hidden
+        return logits, new_cache

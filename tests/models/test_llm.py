@@ -1,0 +1,101 @@
+"""The decoder against transformers' Qwen2ForCausalLM / LlamaForCausalLM, plus cache and masks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from nvlm_jax import config as C
+from nvlm_jax.models.llm import LLM, init_cache
+from nvlm_jax.weight_map import params_from_tensors
+from tests import torch_reference as ref
+
+QWEN2 = C.LLMConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, intermediate_size=112, rope_theta=10000.0, qkv_bias=True,
+                    max_position_embeddings=512, family="qwen2")
+LLAMA = dataclasses.replace(QWEN2, qkv_bias=False, family="llama", num_kv_heads=1,
+                            rms_norm_eps=1e-5, rope_theta=5e6)
+
+
+def _nvlm_cfg(llm_cfg):
+    return C.tiny("D").replace(llm=llm_cfg, projector=dataclasses.replace(
+        C.tiny("D").projector, output_size=llm_cfg.hidden_size))
+
+
+def _convert(torch_model, llm_cfg):
+    cfg = _nvlm_cfg(llm_cfg)
+    shapes = ref.expected_shapes(cfg)
+    return params_from_tensors(ref.state_numpy(torch_model), cfg, "llm", shapes, subtree=("llm",))
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request):
+    cfg = QWEN2 if request.param == "qwen2" else LLAMA
+    model = ref.torch_llm(cfg, seed=3)
+    return cfg, model, _convert(model, cfg)
+
+
+def test_logits_and_hidden_match_transformers(pair):
+    cfg, model, params = pair
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), output_hidden_states=True)
+    logits, _, hidden = LLM(cfg).apply({"params": params}, jnp.asarray(ids), return_hidden=True)
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=2e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(hidden), out.hidden_states[-1].numpy(), atol=2e-4, rtol=0)
+
+
+def test_qwen2_biases_are_used():
+    # A model whose q/k/v biases were silently dropped would still run; make sure they matter.
+    model = ref.torch_llm(QWEN2, seed=3)
+    params = _convert(model, QWEN2)
+    ids = jnp.arange(10)[None] % QWEN2.vocab_size
+    base, _ = LLM(QWEN2).apply({"params": params}, ids)
+    params["layers"]["k_proj"]["bias"] = params["layers"]["k_proj"]["bias"] + 1.0
+    bumped, _ = LLM(QWEN2).apply({"params": params}, ids)
+    assert np.abs(np.asarray(base - bumped)).max() > 1e-3
+
+
+def test_incremental_decode_with_cache_equals_full_forward(pair):
+    cfg, _, params = pair
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)))
+    full, _ = LLM(cfg).apply({"params": params}, ids)
+    cache = init_cache(cfg, batch=2, max_len=16, dtype=jnp.float32)
+    prefill, cache = LLM(cfg).apply({"params": params}, ids[:, :8], cache=cache, cache_index=0)
+    steps = [prefill]
+    for t in range(8, 12):
+        step, cache = LLM(cfg).apply({"params": params}, ids[:, t:t + 1], cache=cache, cache_index=t)
+        steps.append(step)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences(pair):
+    cfg, _, params = pair
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, cfg.vocab_size, 7), rng.integers(0, cfg.vocab_size, 5)
+    packed = jnp.asarray(np.concatenate([a, b, [0, 0]])[None])
+    seg = jnp.asarray([[1] * 7 + [2] * 5 + [0, 0]])
+    pos = jnp.asarray([list(range(7)) + list(range(5)) + [0, 0]])
+    out, _ = LLM(cfg).apply({"params": params}, packed, positions=pos, segment_ids=seg)
+    la, _ = LLM(cfg).apply({"params": params}, jnp.asarray(a[None]))
+    lb, _ = LLM(cfg).apply({"params": params}, jnp.asarray(b[None]))
+    np.testing.assert_allclose(np.asarray(out[0, :7]), np.asarray(la[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[0, 7:12]), np.asarray(lb[0]), atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_tied_embeddings_have_no_lm_head():
+    cfg = dataclasses.replace(QWEN2, tie_word_embeddings=True)
+    params = LLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    assert "lm_head" not in params
+    assert C.llm_param_count(cfg) == sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def test_scan_stacks_layers_on_axis_zero():
+    params = LLM(QWEN2).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    q = params["layers"]["q_proj"]["kernel"]
+    assert q.value.shape == (2, 64, 4, 16)
+    assert q.names == ("layers", "embed", "q_heads", "head_dim")
