@@ -59,6 +59,10 @@ class NVLM(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         if image_features is not None:
+            if not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_valid, jax.core.Tracer):
+                # Eager calls can check the count; jit callers check on the host beforehand.
+                valid = image_features.shape[0] if tile_valid is None else int(np.sum(np.asarray(tile_valid)))
+                check_image_token_count(self.cfg, input_ids, valid)
             embeds = merge_image_tokens(
                 embeds, input_ids, image_features, tile_valid, self.cfg.image_context_token_id
             )

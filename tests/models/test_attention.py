@@ -1,0 +1,68 @@
+"""Mask semantics of the one attention function."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvlm_jax.models.attention import MaskSpec, attention
+
+
+def _qkv(b=2, s=6, t=6, h=4, kvh=2, d=8, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (b, s, h, d)), jax.random.normal(k2, (b, t, kvh, d)),
+            jax.random.normal(k3, (b, t, kvh, d)))
+
+
+def _naive(q, k, v, allowed, scale):
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("bshd,bthd->bhst", q, k) * scale
+    s = jnp.where(allowed[:, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(allowed[:, None].any(-1, keepdims=True), p, 0.0)
+    return jnp.einsum("bhst,bthd->bshd", p, v)
+
+
+def test_gqa_equals_repeated_kv_with_causal_mask():
+    q, k, v = _qkv()
+    out = attention(q, k, v, MaskSpec(causal=True), scale=0.3)
+    allowed = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0)
+    np.testing.assert_allclose(out, _naive(q, k, v, allowed, 0.3), atol=1e-5)
+
+
+def test_segments_and_padding():
+    q, k, v = _qkv()
+    seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    out = attention(q, k, v, MaskSpec(causal=True, q_segment_ids=seg, kv_segment_ids=seg), scale=0.3)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & jnp.tril(jnp.ones((6, 6), bool))
+    np.testing.assert_allclose(out, _naive(q, k, v, allowed, 0.3), atol=1e-5)
+    np.testing.assert_array_equal(out[0, 5], 0.0)  # the padding query sees nothing
+
+
+def test_rows_with_nothing_to_see_give_zero_output_and_finite_gradients():
+    q, k, v = _qkv()
+    q_seg = jnp.asarray([[3, 3, 1, 1, 1, 1]] * 2)
+    kv_seg = jnp.ones((2, 6), jnp.int32)
+    mask = MaskSpec(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    out = attention(q, k, v, mask, scale=0.5)
+    np.testing.assert_array_equal(out[:, :2], 0.0)
+    grads = jax.grad(lambda q, k, v: attention(q, k, v, mask, scale=0.5).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_array_equal(grads[0][:, :2], 0.0)
+
+
+def test_positions_drive_causality_for_cached_decoding():
+    q, k, v = _qkv(s=1, t=6)
+    kv_pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    q_pos = jnp.asarray([[3], [5]])
+    out = attention(q, k, v, MaskSpec(causal=True, q_positions=q_pos, kv_positions=kv_pos), scale=0.3)
+    allowed = kv_pos[:, None, :] <= q_pos[:, :, None]
+    np.testing.assert_allclose(out, _naive(q, k, v, allowed, 0.3), atol=1e-5)
+
+
+def test_unknown_implementation_is_rejected():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="not available"):
+        attention(q, k, v, MaskSpec(), scale=1.0, implementation="cuda")

@@ -1,0 +1,101 @@
+"""Config presets, the HF config reader, and analytic parameter counts."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import pytest
+
+from nvlm_jax import config as C
+from nvlm_jax.models import nvlm
+
+REFERENCE_DIR = os.environ.get(
+    "NVLM_REFERENCE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+)
+REF_CONFIG = os.path.join(REFERENCE_DIR, "nvlm_d_72b_config.json")
+needs_reference = pytest.mark.skipif(
+    not os.path.exists(REF_CONFIG), reason=f"release config not found at {REF_CONFIG} (set NVLM_REFERENCE_DIR)"
+)
+
+
+@needs_reference
+def test_from_hf_reads_the_release_config_into_the_72b_preset():
+    assert C.NVLMConfig.from_hf(REF_CONFIG) == C.nvlm_d_72b()
+
+
+@needs_reference
+def test_from_hf_accepts_a_folder_and_a_dict(tmp_path):
+    with open(REF_CONFIG) as f:
+        d = json.load(f)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert C.NVLMConfig.from_hf(tmp_path) == C.NVLMConfig.from_hf(d)
+
+
+def test_72b_parameter_counts_match_the_release_index():
+    cfg = C.nvlm_d_72b()
+    assert C.param_count(cfg) == 79_379_593_344
+    no_dummy = cfg.replace(vision=dataclasses.replace(cfg.vision, num_dummy_heads=0))
+    assert C.param_count(no_dummy) == 78_863_416_704
+    assert C.llm_param_count(cfg.llm) == 72_706_203_648
+    assert C.projector_param_count(cfg.projector) == 620_717_056
+
+
+@pytest.mark.parametrize("make", [lambda: C.tiny("D"), C.nvlm_d_34b,
+                                  lambda: C.tiny("D", vision=dataclasses.replace(
+                                      C.tiny("D").vision, norm_type="layer_norm", num_dummy_heads=2))])
+def test_param_count_equals_the_real_tree(make):
+    cfg = make()
+    shapes = jax.tree_util.tree_leaves(nvlm.abstract_params(cfg))
+    assert C.param_count(cfg) == sum(x.size for x in shapes)
+
+
+def test_34b_preset_is_llama_without_qkv_bias():
+    cfg = C.nvlm_d_34b()
+    assert cfg.llm.family == "llama" and not cfg.llm.qkv_bias
+    assert cfg.projector.hidden_size == 20480 and cfg.projector.output_size == 7168
+    assert cfg.image_context_token_id < cfg.llm.vocab_size
+
+
+def test_tiny_presets_for_every_arch():
+    assert C.tiny("D").num_image_tokens == 4
+    assert C.tiny("X").projector.num_layers == 1 and C.tiny("X").xattn_every
+    assert C.tiny("H").projector.num_layers == 2
+
+
+def test_dict_round_trip():
+    cfg = C.nvlm_d_72b()
+    assert C.NVLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_type="LLaVA", architectures=["Llava"]), "unknown architecture"),
+    (dict(llm_config={"architectures": ["GPT2LMHeadModel"]}), "unsupported llm architecture"),
+])
+def test_from_hf_rejects_unknown_architectures(change, message):
+    base = {"model_type": "NVLM_D", "architectures": ["NVLM_D"], "vision_config": {}, "llm_config": {}}
+    with pytest.raises(ValueError, match=message):
+        C.NVLMConfig.from_hf({**base, **change})
+
+
+def test_from_hf_names_missing_keys():
+    d = {"model_type": "NVLM_D", "vision_config": {"hidden_size": 8},
+         "llm_config": {"architectures": ["Qwen2ForCausalLM"]}}
+    with pytest.raises(ValueError, match="missing key 'hidden_size'"):
+        C.NVLMConfig.from_hf(d)
+
+
+def test_from_hf_unreadable_file_names_the_path(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=str(bad)):
+        C.NVLMConfig.from_hf(bad)
+
+
+def test_inconsistent_configs_are_rejected():
+    with pytest.raises(ValueError, match="projector input_size"):
+        C.tiny("D").replace(projector=C.ProjectorConfig(input_size=7, hidden_size=8, output_size=64))
+    with pytest.raises(ValueError, match="arch must be"):
+        C.tiny("Q")
+    with pytest.raises(ValueError, match="select_layer"):
+        C.VisionConfig(num_layers=4, select_layer=-5)

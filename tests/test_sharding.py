@@ -1,0 +1,35 @@
+"""Mesh construction and the logical-axis rule table."""
+
+import jax
+import pytest
+
+from nvlm_jax import config as C
+from nvlm_jax.models import nvlm
+from nvlm_jax.sharding import logical_sharding, make_mesh, tree_shardings
+
+
+def test_make_mesh_fills_the_rest_and_uses_auto_axes():
+    mesh = make_mesh(data=2, fsdp=-1, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_make_mesh_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        make_mesh(data=3, fsdp=2, tensor=2)
+    with pytest.raises(ValueError, match="do not divide"):
+        make_mesh(data=3, fsdp=-1, tensor=1)
+
+
+def test_uneven_dimension_names_the_array_and_axis():
+    mesh = make_mesh(data=1, fsdp=1, tensor=8)
+    with pytest.raises(ValueError, match=r"llm/k_proj: dimension 1 \('kv_heads', size 2\)"):
+        logical_sharding((64, 2, 16), ("embed", "kv_heads", "head_dim"), mesh, what="llm/k_proj")
+
+
+def test_every_tiny_param_gets_a_sharding():
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = tree_shardings(nvlm.abstract_params(C.tiny("D")), mesh)
+    specs = {tuple(s.spec) for s in jax.tree_util.tree_leaves(shardings)}
+    assert ("tensor", "fsdp") in specs  # embedding
+    assert (None, "fsdp", None, "tensor", None) in specs  # ViT fused qkv, stacked
