@@ -107,6 +107,7 @@ class TorchNVLMD(torch.nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: np.ndarray, pixel_values_nhwc: np.ndarray) -> np.ndarray:
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values_nhwc.transpose(0, 3, 1, 2)))
+        pixels = pixels.to(next(self.vision_model.parameters()).dtype)  # the release casts to bf16
         vit = self.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
         g = int(vit.shape[1] ** 0.5)
         vit = torch_pixel_shuffle_v2(vit.reshape(vit.shape[0], g, g, -1), self.cfg.downsample_ratio)

@@ -23,10 +23,31 @@ class MaskSpec:
     """
 
     causal: bool = struct.field(pytree_node=False, default=False)
+    # Promise that a query never sees a key with a larger index (self-attention over contiguous
+    # segments with positions increasing inside each). Lets implementations skip those blocks.
+    causal_by_index: bool = struct.field(pytree_node=False, default=False)
     q_segment_ids: jax.Array | None = None  # [batch, q_len] int
     kv_segment_ids: jax.Array | None = None  # [batch, kv_len] int
     q_positions: jax.Array | None = None  # [batch, q_len] int
     kv_positions: jax.Array | None = None  # [batch, kv_len] int
+
+    def rows(self, start: int, stop: int, kv_stop: int) -> MaskSpec:
+        """The description for queries [start, stop) against keys [0, kv_stop)."""
+
+        def cut(x, a, b):
+            return None if x is None else x[:, a:b]
+
+        q_pos, kv_pos = self.q_positions, self.kv_positions
+        if self.causal and q_pos is None:
+            q_pos = jnp.arange(stop)[None]  # index positions; sliced below
+        if self.causal and kv_pos is None:
+            kv_pos = jnp.arange(kv_stop)[None]
+        return self.replace(
+            q_segment_ids=cut(self.q_segment_ids, start, stop),
+            kv_segment_ids=cut(self.kv_segment_ids, 0, kv_stop),
+            q_positions=cut(q_pos, start, stop),
+            kv_positions=cut(kv_pos, 0, kv_stop),
+        )
 
     def dense(self, batch: int, q_len: int, kv_len: int) -> jax.Array | None:
         """The boolean mask `[batch, q_len, kv_len]`, or None when every query sees every key."""
@@ -54,6 +75,9 @@ class MaskSpec:
         return mask
 
 
+QUERY_CHUNK = 512
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -75,24 +99,46 @@ def attention(
         raise ValueError(
             f"attention implementation {implementation!r} is not available; use 'xla' or 'auto'"
         )
+    s, t = q.shape[1], k.shape[1]
+    if s <= QUERY_CHUNK:
+        return _attention_xla(q, k, v, mask, scale)
+    # Long sequences: one query chunk at a time keeps the f32 score block cache-sized, and a
+    # causal-by-index mask lets each chunk stop at its last query's index.
+    outs = []
+    for start in range(0, s, QUERY_CHUNK):
+        stop = min(s, start + QUERY_CHUNK)
+        kv_stop = stop + (t - s) if mask.causal_by_index else t
+        sub = mask.rows(start, stop, kv_stop)
+        outs.append(_attention_xla(q[:, start:stop], k[:, :kv_stop], v[:, :kv_stop], sub, scale))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attention_xla(q, k, v, mask: MaskSpec, scale: float) -> jax.Array:
     b, s, h, d = q.shape
     t, kvh = k.shape[1], k.shape[2]
     if h % kvh:
         raise ValueError(f"query heads {h} are not a multiple of kv heads {kvh}")
     g = h // kvh
-    qg = q.reshape(b, s, kvh, g, d)
-    # Repeated K/V are never materialised: the group axis g rides along in the einsum.
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
-    scores = scores.astype(q.dtype).astype(jnp.float32) * scale
+    # Head-major layouts make each (batch, head) score block one contiguous matmul. Repeated K/V
+    # are never materialised: the group axis g rides along with the query rows.
+    qh = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, s, d]
+    kh = k.transpose(0, 2, 3, 1)  # [b, kvh, d, t]
+    vh = v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
+    # Scores are rounded to the input dtype (the reference's bf16 matmul), then scaled in f32.
+    scores = jnp.einsum("bkgsd,bkdt->bkgst", qh, kh, preferred_element_type=q.dtype)
+    scores = scores.astype(jnp.float32) * scale
     dense = mask.dense(b, s, t)
     if dense is not None:
         allowed = dense[:, None, None, :, :]  # [b, 1, 1, s, t]
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+        scores = jnp.where(allowed, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
     if dense is not None:
-        # A query with no visible key would otherwise average all values uniformly.
-        probs = jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum(
-        "bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    return out.reshape(b, s, h, d).astype(q.dtype)
+        # Rows that see no key: keep exp() finite; their weights are all exactly zero.
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    # Softmax normalisation is applied after the value product: [s, d] instead of [s, t] work.
+    out = jnp.einsum("bkgst,bktd->bkgsd", weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    nonempty = total > 0
+    out = out * jnp.where(nonempty, 1.0 / jnp.where(nonempty, total, 1.0), 0.0)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)

@@ -179,8 +179,8 @@ class LLM(nn.Module):
             segment_ids = jnp.ones((b, s), jnp.int32)
         layer_cache = None
         if cache is None:
-            mask = MaskSpec(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            q_positions=positions, kv_positions=positions)
+            mask = MaskSpec(causal=True, causal_by_index=True, q_segment_ids=segment_ids,
+                            kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions)
         else:
             kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
             kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, cache_index))

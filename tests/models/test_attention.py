@@ -66,3 +66,20 @@ def test_unknown_implementation_is_rejected():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="not available"):
         attention(q, k, v, MaskSpec(), scale=1.0, implementation="cuda")
+
+
+@pytest.mark.parametrize("causal_by_index", [False, True])
+def test_query_chunking_matches_one_block(monkeypatch, causal_by_index):
+    from nvlm_jax.models import attention as attention_module
+
+    q, k, v = _qkv(s=37, t=37)
+    seg = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37])
+    pos = jnp.asarray([list(range(20)) + list(range(15)) + [0, 0], list(range(37))])
+    mask = MaskSpec(causal=True, causal_by_index=causal_by_index, q_segment_ids=seg, kv_segment_ids=seg,
+                    q_positions=pos, kv_positions=pos)
+    whole = attention(q, k, v, mask, scale=0.3)
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 8)
+    chunked = attention(q, k, v, mask, scale=0.3)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (pos[:, None, :] <= pos[:, :, None])
+    np.testing.assert_allclose(whole, _naive(q, k, v, allowed, 0.3), atol=1e-5)

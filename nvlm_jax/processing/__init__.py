@@ -1,0 +1,53 @@
+"""Host-side preprocessing: image tiling, chat prompts, tokenization (NumPy / Pillow only)."""
+
+from nvlm_jax.processing.prompt import (
+    IMAGE,
+    IMAGE_PLACEHOLDER,
+    EncodedPrompt,
+    ImageTokenFormat,
+    build_prompt,
+    build_training_example,
+    encode_prompt,
+    expand_image_placeholders,
+    image_token_count,
+    tile_tags,
+)
+from nvlm_jax.processing.tiling import (
+    ImageLoadError,
+    TiledImage,
+    load_image,
+    normalize_tiles,
+    open_image,
+    select_grid,
+    tile_image,
+)
+from nvlm_jax.processing.tokenizer import (
+    SpecialTokens,
+    get_special_tokens,
+    load_tokenizer,
+    make_tiny_tokenizer,
+)
+
+__all__ = [
+    "IMAGE",
+    "IMAGE_PLACEHOLDER",
+    "EncodedPrompt",
+    "ImageLoadError",
+    "ImageTokenFormat",
+    "SpecialTokens",
+    "TiledImage",
+    "build_prompt",
+    "build_training_example",
+    "encode_prompt",
+    "expand_image_placeholders",
+    "get_special_tokens",
+    "image_token_count",
+    "load_image",
+    "load_tokenizer",
+    "make_tiny_tokenizer",
+    "normalize_tiles",
+    "open_image",
+    "select_grid",
+    "tile_image",
+    "tile_tags",
+]
