@@ -50,19 +50,29 @@ class NVLM(nn.Module):
         return_hidden: bool = False,
     ):
         """input_ids: [batch, seq] holding `image_context_token_id` where image tokens go;
-        pixel_values: [tiles, H, W, 3], the tiles of all images of the batch in order;
-        tile_valid: [tiles] bool, False for padding tiles of a static tile bucket;
+        pixel_values: [tiles, H, W, 3], the tiles of all images of the batch in order, or
+          [batch, tiles, H, W, 3] with each row's tiles (training batches: rows shard over data);
+        tile_valid: [tiles] or [batch, tiles] bool, False for padding tiles of a static bucket;
         image_features: precomputed `encode_images` output (instead of pixel_values).
         Returns what `LLM.__call__` returns (logits [batch, seq, vocab] f32, cache[, hidden]).
         """
         embeds = self.llm.embed(input_ids)
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            if pixel_values.ndim == 5:
+                b, t = pixel_values.shape[:2]
+                image_features = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
+                image_features = image_features.reshape(b, t, *image_features.shape[1:])
+            else:
+                image_features = self.encode_images(pixel_values)
         if image_features is not None:
             if not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_valid, jax.core.Tracer):
                 # Eager calls can check the count; jit callers check on the host beforehand.
-                valid = image_features.shape[0] if tile_valid is None else int(np.sum(np.asarray(tile_valid)))
-                check_image_token_count(self.cfg, input_ids, valid)
+                rows = image_features.ndim == 4
+                for ids, valid in zip(input_ids if rows else [input_ids],
+                                      (tile_valid if tile_valid is not None else [None] * len(input_ids))
+                                      if rows else [tile_valid], strict=True):
+                    n = image_features.shape[-3] if valid is None else int(np.sum(np.asarray(valid)))
+                    check_image_token_count(self.cfg, ids, n)
             embeds = merge_image_tokens(
                 embeds, input_ids, image_features, tile_valid, self.cfg.image_context_token_id
             )
@@ -83,9 +93,14 @@ def merge_image_tokens(
 
     embeds: [batch, seq, E]; image_features: [tiles, tokens, E]. The k-th context token of the
     flattened batch gets token k of the valid tiles' features (padding tiles are skipped).
-    Counts are checked on the host by `check_image_token_count`; here, a surplus of context
-    tokens would reuse the last feature, which is why callers must check.
+    With per-row features [batch, tiles, tokens, E] (and tile_valid [batch, tiles]) the same
+    happens within each row. Counts are checked on the host by `check_image_token_count`; here,
+    a surplus of context tokens would reuse the last feature, which is why callers must check.
     """
+    if image_features.ndim == 4:
+        valid = tile_valid if tile_valid is not None else jnp.ones(image_features.shape[:2], bool)
+        one_row = lambda e, i, f, v: merge_image_tokens(e[None], i[None], f, v, context_token_id)[0]  # noqa: E731
+        return jax.vmap(one_row)(embeds, input_ids, image_features, valid)
     b, s, e = embeds.shape
     t, n, _ = image_features.shape
     if tile_valid is not None:

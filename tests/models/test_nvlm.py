@@ -116,3 +116,21 @@ def test_72b_shapes_and_dtypes_without_allocating():
     px = jax.ShapeDtypeStruct((2, 448, 448, 3), jnp.float32)
     out = jax.eval_shape(fwd, shapes, ids, px)
     assert out.shape == (1, 520, 152064) and out.dtype == jnp.float32
+
+
+def test_per_row_tiles_equal_flattened_tiles(torch_and_params):
+    _, params = torch_and_params
+    row0, row1 = _prompt([2]), _prompt([1], seed=5)
+    row1 = np.pad(row1, ((0, 0), (0, row0.shape[1] - row1.shape[1])), constant_values=3)
+    ids = jnp.asarray(np.concatenate([row0, row1]))
+    rng = np.random.default_rng(6)
+    pixels = rng.standard_normal((3, 28, 28, 3)).astype(np.float32)
+    flat, _ = nvlm.NVLM(CFG).apply({"params": params}, ids, jnp.asarray(pixels))
+    rows = np.zeros((2, 2, 28, 28, 3), np.float32)
+    rows[0] = pixels[:2]
+    rows[1, 0] = pixels[2]
+    valid = np.array([[True, True], [True, False]])
+    per_row, _ = nvlm.NVLM(CFG).apply({"params": params}, ids, jnp.asarray(rows), jnp.asarray(valid))
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(flat), atol=1e-5)
+    with pytest.raises(ValueError, match="hold 4 image context tokens"):
+        nvlm.NVLM(CFG).apply({"params": params}, ids, jnp.asarray(rows), jnp.asarray([[True, True], [True, True]]))
