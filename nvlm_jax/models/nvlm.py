@@ -162,3 +162,15 @@ def init_params(
 def shard_params(params, cfg: NVLMConfig, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES):
     """Places an existing params dict onto `mesh` by the logical-axis rules."""
     return jax.device_put(params, tree_shardings(abstract_params(cfg), mesh, rules))
+
+
+def apply_batch(params, cfg: NVLMConfig, batch) -> jax.Array:
+    """Logits [B, S, vocab] (f32) for a training batch (see `nvlm_jax.data.batch`), any arch."""
+    return NVLM(cfg).apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["pixel_values"],
+        batch["tile_valid"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )[0]
