@@ -137,6 +137,8 @@ class NVLMConfig:
     image_context_token_id: int = QWEN2_IMAGE_CONTEXT_TOKEN_ID
     # NVLM-X/H: one gated cross-attention block after every `xattn_every` decoder layers.
     xattn_every: int | None = None
+    # NVLM-H: memory slots for each tile's tag tokens (`<tile_k>` is 5 Qwen2 tokens).
+    max_tag_tokens: int = 5
     max_tiles: int = 6
     use_thumbnail: bool = True
     template: str = "chatml"
@@ -354,6 +356,29 @@ def nvlm_d_34b() -> NVLMConfig:
     )
 
 
+def _with_xattn(base: NVLMConfig, arch: Arch, every: int) -> NVLMConfig:
+    return base.replace(arch=arch, xattn_every=every,
+                        projector=_projector_for(base.vision, base.llm, arch))
+
+
+def nvlm_x_72b() -> NVLMConfig:
+    """NVLM-X-72B (paper): one-layer projector, a gated cross-attention block every 8 layers."""
+    return _with_xattn(nvlm_d_72b(), "X", 8)
+
+
+def nvlm_h_72b() -> NVLMConfig:
+    """NVLM-H-72B (paper): thumbnail in the decoder, tiles by cross-attention every 8 layers."""
+    return _with_xattn(nvlm_d_72b(), "H", 8)
+
+
+def nvlm_x_34b() -> NVLMConfig:
+    return _with_xattn(nvlm_d_34b(), "X", 6)
+
+
+def nvlm_h_34b() -> NVLMConfig:
+    return _with_xattn(nvlm_d_34b(), "H", 6)
+
+
 def tiny(arch: Arch = "D", **overrides) -> NVLMConfig:
     """A tiny model for tests and the CPU main job: 2-layer ViT on 28-pixel tiles, 2-layer LLM.
 
@@ -387,6 +412,7 @@ def tiny(arch: Arch = "D", **overrides) -> NVLMConfig:
         projector=_projector_for(vision, llm, arch),
         image_context_token_id=llm.vocab_size - 1,
         xattn_every=1 if arch in ("X", "H") else None,
+        max_tag_tokens=8,
     )
     fields.update(overrides)
     return NVLMConfig(**fields)
@@ -430,10 +456,21 @@ def projector_param_count(p: ProjectorConfig) -> int:
     return 2 * p.input_size + p.input_size * p.hidden_size + p.hidden_size * p.output_size
 
 
+def xattn_block_param_count(m: LLMConfig) -> int:
+    """One gated cross-attention block: 2 RMSNorms, q/k/v/o (no biases), SwiGLU, 2 gates."""
+    e, d = m.hidden_size, m.head_dim
+    q, kv = m.num_heads * d, m.num_kv_heads * d
+    return 2 * e + e * q + 2 * e * kv + q * e + 3 * e * m.intermediate_size + 2
+
+
 def param_count(cfg: NVLMConfig) -> int:
     """Number of parameters of `cfg`'s model, computed from shapes (nothing is allocated)."""
+    xattn = 0
+    if cfg.arch in ("X", "H"):
+        xattn = cfg.llm.num_layers // cfg.xattn_every * xattn_block_param_count(cfg.llm)
     return (
         vision_param_count(cfg.vision)
         + llm_param_count(cfg.llm)
         + projector_param_count(cfg.projector)
+        + xattn
     )

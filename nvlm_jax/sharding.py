@@ -27,6 +27,7 @@ DEFAULT_RULES: LogicalRules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("layer_groups", None),
     ("norm", None),
     # Vision encoder parameters
     ("vit_embed", "fsdp"),

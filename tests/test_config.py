@@ -99,3 +99,21 @@ def test_inconsistent_configs_are_rejected():
         C.tiny("Q")
     with pytest.raises(ValueError, match="select_layer"):
         C.VisionConfig(num_layers=4, select_layer=-5)
+
+
+def test_xh_presets_have_ten_blocks_and_hand_computed_counts():
+    d72 = 79_379_593_344
+    mlp1_72 = 620_717_056
+    # One block: 2 RMSNorms + q/o (8192x8192 each) + k/v (8192x1024 each) + SwiGLU (3x8192x29568) + 2 gates.
+    block72 = 2 * 8192 + 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 29568 + 2
+    x72, h72 = C.nvlm_x_72b(), C.nvlm_h_72b()
+    assert x72.llm.num_layers // x72.xattn_every == 10 and h72.llm.num_layers // h72.xattn_every == 10
+    assert C.param_count(x72) == d72 - mlp1_72 + 12800 * 8192 + 10 * block72 == 87_640_478_868
+    assert C.param_count(h72) == d72 + 10 * block72
+    d34 = C.param_count(C.nvlm_d_34b())
+    mlp1_34 = 2 * 12800 + 12800 * 20480 + 20480 * 7168
+    block34 = 2 * 7168 + 2 * 7168 * 7168 + 2 * 7168 * 1024 + 3 * 7168 * 20480 + 2
+    x34, h34 = C.nvlm_x_34b(), C.nvlm_h_34b()
+    assert x34.llm.num_layers // x34.xattn_every == 10
+    assert C.param_count(x34) == d34 - mlp1_34 + 12800 * 7168 + 10 * block34
+    assert C.param_count(h34) == d34 + 10 * block34

@@ -17,7 +17,8 @@ class MaskSpec:
     """Which keys each query may see.
 
     A query sees a key when both have the same segment id, the key's segment id is not 0
-    (0 marks padding / empty cache slots), and, if `causal`, `kv_position <= q_position`.
+    (0 marks padding / empty cache slots), if `causal`, `kv_position <= q_position`, and, with
+    image/tile ids, the cross-attention rule below holds.
     Segment ids default to all ones and positions to `arange`. Queries that see no key get a
     zero output (and zero gradients), never NaN.
     """
@@ -30,6 +31,12 @@ class MaskSpec:
     kv_segment_ids: jax.Array | None = None  # [batch, kv_len] int
     q_positions: jax.Array | None = None  # [batch, q_len] int
     kv_positions: jax.Array | None = None  # [batch, kv_len] int
+    # Cross-attention rule of NVLM-X/H (all four or none): a query with q_tile >= 0 sees only
+    # keys with kv_tile == q_tile; other queries see keys with 0 <= kv_image <= q_image.
+    q_image: jax.Array | None = None  # [batch, q_len] int
+    q_tile: jax.Array | None = None  # [batch, q_len] int
+    kv_image: jax.Array | None = None  # [batch, kv_len] int, -1 = never visible
+    kv_tile: jax.Array | None = None  # [batch, kv_len] int
 
     def rows(self, start: int, stop: int, kv_stop: int) -> MaskSpec:
         """The description for queries [start, stop) against keys [0, kv_stop)."""
@@ -47,6 +54,10 @@ class MaskSpec:
             kv_segment_ids=cut(self.kv_segment_ids, 0, kv_stop),
             q_positions=cut(q_pos, start, stop),
             kv_positions=cut(kv_pos, 0, kv_stop),
+            q_image=cut(self.q_image, start, stop),
+            q_tile=cut(self.q_tile, start, stop),
+            kv_image=cut(self.kv_image, 0, kv_stop),
+            kv_tile=cut(self.kv_tile, 0, kv_stop),
         )
 
     def dense(self, batch: int, q_len: int, kv_len: int) -> jax.Array | None:
@@ -72,6 +83,12 @@ class MaskSpec:
             if kv_pos is None:
                 kv_pos = jnp.broadcast_to(jnp.arange(kv_len), (batch, kv_len))
             mask = both(kv_pos[:, None, :] <= q_pos[:, :, None])
+        if self.q_image is not None:
+            q_tile, kv_tile = self.q_tile[:, :, None], self.kv_tile[:, None, :]
+            kv_image = self.kv_image[:, None, :]
+            own_tile = (kv_tile == q_tile) & (kv_image >= 0)
+            earlier_images = (kv_image >= 0) & (kv_image <= self.q_image[:, :, None])
+            mask = both(jnp.where(q_tile >= 0, own_tile, earlier_images))
         return mask
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from nvlm_jax.config import LLMConfig
 from nvlm_jax.models.attention import MaskSpec, attention
+from nvlm_jax.models.cross_attention import GatedCrossAttention
 from nvlm_jax.models.linear import Linear
+from nvlm_jax.models.mlp import MLP
 from nvlm_jax.models.norms import RMSNorm
 from nvlm_jax.models.remat import remat_policy
+from nvlm_jax.models.stacked import group_leading, stacked_init, ungroup_leading
 
 Cache = dict[str, jax.Array]
 
@@ -44,24 +48,6 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> 
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
         "positions": jnp.zeros((batch, max_len), jnp.int32),
     }
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    hidden_size: int
-    intermediate_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = Linear(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **dense)(x)
-        up = Linear(self.intermediate_size, ("embed", "mlp"), name="up_proj", **dense)(x)
-        h = nn.silu(gate) * up
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return Linear(self.hidden_size, ("mlp", "embed"), name="down_proj", **dense)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -99,14 +85,34 @@ class DecoderLayer(nn.Module):
         return x, new_cache
 
 
+@struct.dataclass
+class CrossAttentionInputs:
+    """What the gated cross-attention blocks of NVLM-X/H need inside the decoder.
+
+    params: the blocks' stacked params `[groups, ...]`; k, v: the image memory's keys and values
+    per block, `[groups, batch, memory, kv_heads, head_dim]` (computed once per prompt);
+    mask: which memory tokens each query token sees.
+    """
+
+    params: dict
+    k: jax.Array
+    v: jax.Array
+    mask: MaskSpec
+
+
 class LLM(nn.Module):
-    """The decoder. Call with token ids or with ready input embeddings."""
+    """The decoder. Call with token ids or with ready input embeddings.
+
+    With `xattn_every`, a gated cross-attention block (given at call time as
+    `CrossAttentionInputs`) follows every `xattn_every` decoder layers.
+    """
 
     cfg: LLMConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     remat: str = "none"
+    xattn_every: int | None = None
 
     def setup(self):
         c = self.cfg
@@ -116,22 +122,23 @@ class LLM(nn.Module):
             (c.vocab_size, c.hidden_size),
             self.param_dtype,
         )
-        layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False) if (
-            self.remat != "none") else DecoderLayer
-        self.layers = nn.scan(
-            layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.param_dtype, self.attention_impl, name="layers")
+        e = c.hidden_size
+        dummy_mask = MaskSpec(causal=True)
+        self.layers = self.param(
+            "layers",
+            stacked_init(self._layer(), c.num_layers, "layers", jnp.zeros((1, 1, e), self.dtype), None,
+                         jnp.ones((1, 1, c.head_dim), self.dtype), jnp.zeros((1, 1, c.head_dim), self.dtype),
+                         dummy_mask, 0),
+        )
         self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = Linear(
                 c.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=nn.initializers.normal(0.02), name="lm_head",
             )
+
+    def _layer(self) -> DecoderLayer:
+        return DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """[batch, seq] int → [batch, seq, embed] in the compute dtype."""
@@ -159,6 +166,7 @@ class LLM(nn.Module):
         segment_ids: jax.Array | None = None,
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
+        xattn: CrossAttentionInputs | None = None,
         return_hidden: bool = False,
     ):
         """Runs the decoder.
@@ -188,7 +196,7 @@ class LLM(nn.Module):
                             q_positions=positions, kv_positions=kv_pos)
             layer_cache = {"k": cache["k"], "v": cache["v"]}
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        x, new_layer_cache = self.layers(x, layer_cache, cos, sin, mask, cache_index)
+        x, new_layer_cache = self._run_layers(x, layer_cache, cos, sin, mask, cache_index, xattn)
         hidden = self.norm(x)
         logits = self.logits(hidden)
         new_cache = None
@@ -197,3 +205,33 @@ class LLM(nn.Module):
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache
+
+    def _run_layers(self, x, layer_cache, cos, sin, mask, cache_index, xattn):
+        layer = self._layer()
+
+        def one_layer(x, xs):
+            params, lcache = xs
+            return layer.apply({"params": params}, x, lcache, cos, sin, mask, cache_index)
+
+        if self.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
+        if self.xattn_every is None:
+            if xattn is not None:
+                raise ValueError("cross-attention inputs given to a decoder without xattn_every")
+            return jax.lax.scan(one_layer, x, (self.layers, layer_cache))
+        if xattn is None:
+            raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
+        groups = self.cfg.num_layers // self.xattn_every
+        block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
+
+        def one_group(x, xs):
+            params, gcache, block_params, k, v = xs
+            x, new_gcache = jax.lax.scan(one_layer, x, (params, gcache))
+            x = block.apply({"params": block_params}, x, k, v, xattn.mask)
+            return x, new_gcache
+
+        grouped_cache = None if layer_cache is None else group_leading(layer_cache, groups)
+        x, new_cache = jax.lax.scan(
+            one_group, x, (group_leading(self.layers, groups), grouped_cache, xattn.params, xattn.k, xattn.v)
+        )
+        return x, None if new_cache is None else ungroup_leading(new_cache)

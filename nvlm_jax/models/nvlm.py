@@ -1,7 +1,16 @@
-"""The NVLM model: vision encoder → pixel shuffle → projector → decoder.
+"""The NVLM model: vision encoder → pixel shuffle → projector → decoder, for all three archs.
 
-NVLM-D places each tile's projected tokens at the image-context tokens of the text, in order
-(images in `pixel_values` order, tiles within an image as tiled, thumbnail last).
+- NVLM-D places each tile's projected tokens at the image-context tokens of the text, in order
+  (images in `pixel_values` order, tiles within an image as tiled, thumbnail last).
+- NVLM-X keeps image tokens out of the decoder: every tile (thumbnail included) is memory for the
+  gated cross-attention blocks that follow every `xattn_every` decoder layers.
+- NVLM-H puts each image's thumbnail tokens in the decoder (like D) and reaches the regular tiles
+  through cross-attention; the memory of tile k is the embedding of its `<tile_k>` tag tokens
+  followed by its projected tokens.
+
+X/H need per-row tiles (`pixel_values [batch, tiles, H, W, 3]`) and the tile/image ids of the
+batch contract (`nvlm_jax.data.batch`): `tile_image`, `token_image`, `token_tile`. A row's
+thumbnail is the last valid tile slot of each image.
 """
 
 from __future__ import annotations
@@ -10,12 +19,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import struct
 
 from nvlm_jax.config import NVLMConfig
+from nvlm_jax.models.cross_attention import GatedCrossAttention, cross_attention_mask
 from nvlm_jax.models.intern_vit import InternViT
-from nvlm_jax.models.llm import LLM, Cache
+from nvlm_jax.models.llm import LLM, Cache, CrossAttentionInputs
 from nvlm_jax.models.projector import Projector, pixel_shuffle
+from nvlm_jax.models.stacked import stacked_init
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, tree_shardings
+
+
+@struct.dataclass
+class ImageContext:
+    """Everything a prompt's images contribute, computed once per prompt (reused when decoding).
+
+    decoder_features [b, T, n, E] and decoder_valid [b, T]: tiles whose tokens replace the
+    context tokens (D: all tiles; H: thumbnails; X: none). memory_k/v [groups, b, M, kv_heads, d],
+    memory_image/memory_tile [b, M]: the cross-attention memory (X/H).
+    """
+
+    decoder_features: jax.Array | None = None
+    decoder_valid: jax.Array | None = None
+    memory_k: jax.Array | None = None
+    memory_v: jax.Array | None = None
+    memory_image: jax.Array | None = None
+    memory_tile: jax.Array | None = None
+
+    def memory_only(self) -> ImageContext:
+        """For decode steps after the prefill: new tokens hold no image context tokens."""
+        return self.replace(decoder_features=None, decoder_valid=None)
+
+
+def thumbnail_slots(tile_valid: jax.Array, tile_image: jax.Array) -> jax.Array:
+    """[b, T] bool: the last valid slot of each image (its thumbnail, or its only tile)."""
+    next_image = jnp.concatenate([tile_image[:, 1:], jnp.full_like(tile_image[:, :1], -1)], axis=1)
+    next_valid = jnp.concatenate([tile_valid[:, 1:], jnp.zeros_like(tile_valid[:, :1])], axis=1)
+    return tile_valid & ((next_image != tile_image) | ~next_valid)
 
 
 class NVLM(nn.Module):
@@ -23,12 +63,21 @@ class NVLM(nn.Module):
 
     def setup(self):
         c = self.cfg
-        if c.arch != "D":
-            raise ValueError(f"NVLM arch {c.arch!r} is not available in this module yet; only 'D' is")
         common = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         self.vision = InternViT(c.vision, attention_impl=c.attention_impl, remat=c.remat_policy, **common)
         self.projector = Projector(c.projector, **common)
-        self.llm = LLM(c.llm, attention_impl=c.attention_impl, remat=c.remat_policy, **common)
+        xattn_every = c.xattn_every if c.arch in ("X", "H") else None
+        self.llm = LLM(c.llm, attention_impl=c.attention_impl, remat=c.remat_policy, xattn_every=xattn_every,
+                       **common)
+        if xattn_every:
+            e = c.llm.hidden_size
+            block = GatedCrossAttention(c.llm, attention_impl=c.attention_impl, parent=None, **common)
+            dummy = jnp.zeros((1, 1, e), common["dtype"])
+            self.xattn = self.param(
+                "xattn",
+                stacked_init(block, c.llm.num_layers // xattn_every, "layer_groups", dummy, dummy,
+                             method=GatedCrossAttention.init_all),
+            )
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """[tiles, H, W, 3] → projected image tokens [tiles, tokens_per_tile, llm_hidden]."""
@@ -36,49 +85,119 @@ class NVLM(nn.Module):
         feats = pixel_shuffle(feats, self.cfg.shuffle_scale, self.cfg.ps_version)
         return self.projector(feats)
 
+    def encode(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array,
+        tile_valid: jax.Array,
+        tile_image: jax.Array | None = None,
+        token_tile: jax.Array | None = None,
+    ) -> ImageContext:
+        """The ImageContext of per-row tiles `pixel_values [b, T, H, W, 3]` for a prompt."""
+        c = self.cfg
+        b, t = pixel_values.shape[:2]
+        feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
+        feats = feats.reshape(b, t, *feats.shape[1:])  # [b, T, n, E]
+        if c.arch == "D":
+            return ImageContext(decoder_features=feats, decoder_valid=tile_valid)
+        if tile_image is None or token_tile is None:
+            raise ValueError(f"NVLM-{c.arch} needs tile_image and token_tile to build its image memory")
+        n, e = feats.shape[2:]
+        slots = jnp.arange(t)
+        if c.arch == "X":
+            memory = feats.reshape(b, t * n, e)
+            slot_image = jnp.where(tile_valid, tile_image, -1)
+            memory_image = jnp.repeat(slot_image, n, axis=1)
+            memory_tile = jnp.broadcast_to(jnp.repeat(slots, n), (b, t * n))
+            context = ImageContext()
+        else:  # H: thumbnails into the decoder, regular tiles (after their tags) into the memory
+            thumbs = thumbnail_slots(tile_valid, tile_image)
+            tags, tag_present = self._tag_embeddings(input_ids, token_tile, t)  # [b, T, L, E]
+            memory = jnp.concatenate([tags, feats.astype(tags.dtype)], axis=2)
+            per_slot = tags.shape[2] + n
+            memory = memory.reshape(b, t * per_slot, e)
+            slot_image = jnp.where(tile_valid & ~thumbs, tile_image, -1)[:, :, None]
+            memory_image = jnp.concatenate(
+                [jnp.where(tag_present, slot_image, -1), jnp.broadcast_to(slot_image, (b, t, n))], axis=2
+            ).reshape(b, t * per_slot)
+            memory_tile = jnp.broadcast_to(jnp.repeat(slots, per_slot), (b, t * per_slot))
+            context = ImageContext(decoder_features=feats, decoder_valid=thumbs)
+        block = GatedCrossAttention(c.llm, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), c.attention_impl,
+                                    parent=None)
+        k, v = jax.vmap(
+            lambda p: block.apply({"params": p}, memory, method=GatedCrossAttention.memory_kv)
+        )(self.xattn)
+        return context.replace(memory_k=k, memory_v=v, memory_image=memory_image, memory_tile=memory_tile)
+
+    def _tag_embeddings(self, input_ids, token_tile, num_slots):
+        """Embeddings of each slot's tile-tag tokens, [b, T, max_tag_tokens, E], and presence."""
+        limit = self.cfg.max_tag_tokens
+        embeds = self.llm.embed(input_ids)
+        in_slot = token_tile[:, :, None] == jnp.arange(num_slots)  # [b, s, T]
+        rank = jnp.sum((jnp.cumsum(in_slot, axis=1) - 1) * in_slot, axis=2)  # [b, s]
+        select = in_slot[:, :, :, None] & (rank[:, :, None, None] == jnp.arange(limit))  # [b, s, T, L]
+        tags = jnp.einsum("bstl,bse->btle", select.astype(embeds.dtype), embeds)
+        return tags, select.any(axis=1)
+
     def __call__(
         self,
         input_ids: jax.Array,
         pixel_values: jax.Array | None = None,
         tile_valid: jax.Array | None = None,
         *,
+        tile_image: jax.Array | None = None,
+        token_image: jax.Array | None = None,
+        token_tile: jax.Array | None = None,
         image_features: jax.Array | None = None,
+        image_context: ImageContext | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
     ):
-        """input_ids: [batch, seq] holding `image_context_token_id` where image tokens go;
-        pixel_values: [tiles, H, W, 3], the tiles of all images of the batch in order, or
-          [batch, tiles, H, W, 3] with each row's tiles (training batches: rows shard over data);
+        """input_ids: [batch, seq] holding `image_context_token_id` where image tokens go (D, H);
+        pixel_values: [tiles, H, W, 3], the tiles of all images of the batch in order (D only), or
+          [batch, tiles, H, W, 3] with each row's tiles (training batches; required for X/H);
         tile_valid: [tiles] or [batch, tiles] bool, False for padding tiles of a static bucket;
-        image_features: precomputed `encode_images` output (instead of pixel_values).
+        tile_image / token_image / token_tile: the X/H ids of `nvlm_jax.data.batch`;
+        image_features: precomputed `encode_images` output (D, instead of pixel_values);
+        image_context: precomputed `encode` output (any arch; reused across decode steps).
         Returns what `LLM.__call__` returns (logits [batch, seq, vocab] f32, cache[, hidden]).
         """
+        c = self.cfg
         embeds = self.llm.embed(input_ids)
-        if image_features is None and pixel_values is not None:
+        if image_context is None and pixel_values is not None:
             if pixel_values.ndim == 5:
-                b, t = pixel_values.shape[:2]
-                image_features = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
-                image_features = image_features.reshape(b, t, *image_features.shape[1:])
-            else:
+                valid = tile_valid if tile_valid is not None else jnp.ones(pixel_values.shape[:2], bool)
+                image_context = self.encode(input_ids, pixel_values, valid, tile_image, token_tile)
+            elif c.arch == "D":
                 image_features = self.encode_images(pixel_values)
-        if image_features is not None:
-            if not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_valid, jax.core.Tracer):
+            else:
+                raise ValueError(f"NVLM-{c.arch} takes per-row pixel_values [batch, tiles, H, W, 3]")
+        features, valid = image_features, tile_valid
+        if image_context is not None:
+            features, valid = image_context.decoder_features, image_context.decoder_valid
+        if features is not None:
+            if not isinstance(input_ids, jax.core.Tracer) and not isinstance(valid, jax.core.Tracer):
                 # Eager calls can check the count; jit callers check on the host beforehand.
-                rows = image_features.ndim == 4
-                for ids, valid in zip(input_ids if rows else [input_ids],
-                                      (tile_valid if tile_valid is not None else [None] * len(input_ids))
-                                      if rows else [tile_valid], strict=True):
-                    n = image_features.shape[-3] if valid is None else int(np.sum(np.asarray(valid)))
-                    check_image_token_count(self.cfg, ids, n)
-            embeds = merge_image_tokens(
-                embeds, input_ids, image_features, tile_valid, self.cfg.image_context_token_id
-            )
+                rows = features.ndim == 4
+                for ids, row_valid in zip(input_ids if rows else [input_ids],
+                                          (valid if valid is not None else [None] * len(input_ids))
+                                          if rows else [valid], strict=True):
+                    n = features.shape[-3] if row_valid is None else int(np.sum(np.asarray(row_valid)))
+                    check_image_token_count(c, ids, n)
+            embeds = merge_image_tokens(embeds, input_ids, features, valid, c.image_context_token_id)
+        xattn = None
+        if c.arch in ("X", "H"):
+            if image_context is None or token_image is None or token_tile is None:
+                raise ValueError(f"NVLM-{c.arch} needs images (or image_context), token_image and token_tile")
+            mask = cross_attention_mask(token_image, token_tile, image_context.memory_image,
+                                        image_context.memory_tile)
+            xattn = CrossAttentionInputs(self.xattn, image_context.memory_k, image_context.memory_v, mask)
         return self.llm(
             inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
-            cache_index=cache_index, return_hidden=return_hidden,
+            cache_index=cache_index, xattn=xattn, return_hidden=return_hidden,
         )
 
 
@@ -127,17 +246,29 @@ def check_image_token_count(cfg: NVLMConfig, input_ids, num_valid_tiles: int) ->
 
 
 def _dummy_inputs(cfg: NVLMConfig):
+    """One row with one single-tile image: its tile is its thumbnail, so D and H put it in the
+    decoder and X in the memory."""
     n = cfg.num_image_tokens
-    ids = jnp.full((1, n + 2), 0, jnp.int32).at[0, 1 : n + 1].set(cfg.image_context_token_id)
+    if cfg.arch == "X":
+        ids = jnp.zeros((1, 4), jnp.int32)
+    else:
+        ids = jnp.full((1, n + 2), 0, jnp.int32).at[0, 1 : n + 1].set(cfg.image_context_token_id)
     size = cfg.vision.image_size
-    pixels = jnp.zeros((1, size, size, cfg.vision.num_channels), jnp.float32)
-    return ids, pixels
+    pixels = jnp.zeros((1, 1, size, size, cfg.vision.num_channels), jnp.float32)
+    s = ids.shape[1]
+    kwargs = dict(tile_valid=jnp.ones((1, 1), bool), tile_image=jnp.zeros((1, 1), jnp.int32),
+                  token_image=jnp.zeros((1, s), jnp.int32), token_tile=jnp.full((1, s), -1, jnp.int32))
+    return ids, pixels, kwargs
+
+
+def _init(cfg: NVLMConfig, key):
+    ids, pixels, kwargs = _dummy_inputs(cfg)
+    return NVLM(cfg).init(key, ids, pixels, **kwargs)["params"]
 
 
 def abstract_params(cfg: NVLMConfig):
     """The boxed (logically annotated) parameter shapes, without allocating anything."""
-    ids, pixels = _dummy_inputs(cfg)
-    return jax.eval_shape(lambda: NVLM(cfg).init(jax.random.key(0), ids, pixels)["params"])
+    return jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))
 
 
 def init_params(
@@ -147,10 +278,9 @@ def init_params(
     rules: LogicalRules = DEFAULT_RULES,
 ):
     """Freshly initialised params as a plain nested dict, sharded over `mesh` when given."""
-    ids, pixels = _dummy_inputs(cfg)
 
     def init(key):
-        return nn.meta.unbox(NVLM(cfg).init(key, ids, pixels)["params"])
+        return nn.meta.unbox(_init(cfg, key))
 
     if mesh is None:
         return jax.jit(init)(rng)
@@ -171,6 +301,9 @@ def apply_batch(params, cfg: NVLMConfig, batch) -> jax.Array:
         batch["input_ids"],
         batch["pixel_values"],
         batch["tile_valid"],
+        tile_image=batch["tile_image"],
+        token_image=batch["token_image"],
+        token_tile=batch["token_tile"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
     )[0]
