@@ -52,6 +52,18 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 
+def replicate_vision_over(axis: str, rules: LogicalRules = DEFAULT_RULES) -> LogicalRules:
+    """Rules in which the ViT's parameters do not use mesh `axis` (e.g. "tensor": a ViT whose
+    head count does not divide the tensor axis runs tensor-replicated while the LLM stays split)."""
+    out = []
+    for name, axes in rules:
+        if name.startswith("vit_") and axes is not None:
+            kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != axis)
+            axes = kept[0] if len(kept) == 1 else (kept or None)
+        out.append((name, axes))
+    return tuple(out)
+
+
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> jax.sharding.Mesh:
@@ -112,18 +124,27 @@ def logical_sharding(
 def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES):
     """Shardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from `jax.eval_shape(init)`).
 
-    Returns a tree of the same (unboxed) structure. Unannotated leaves are replicated.
+    Returns a tree of the same (unboxed) structure. Unannotated leaves are replicated. Raises one
+    ValueError listing every parameter that does not divide over its mesh axes.
     """
+    problems = []
 
     def one(path, leaf):
         what = "/".join(str(getattr(k, "key", k)) for k in path)
         if isinstance(leaf, meta.Partitioned):
-            return logical_sharding(leaf.value.shape, leaf.names, mesh, rules, what)
+            try:
+                return logical_sharding(leaf.value.shape, leaf.names, mesh, rules, what)
+            except ValueError as e:
+                problems.append(str(e))
+                return None
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    return jax.tree_util.tree_map_with_path(
-        one, boxed_tree, is_leaf=lambda x: isinstance(x, meta.Partitioned)
-    )
+    out = jax.tree_util.tree_map_with_path(one, boxed_tree, is_leaf=lambda x: isinstance(x, meta.Partitioned))
+    if problems:
+        shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        raise ValueError(f"{len(problems)} parameter(s) cannot be sharded over mesh ({shape}):\n  "
+                         + "\n  ".join(problems))
+    return out
 
 
 def logical_names(boxed_tree):

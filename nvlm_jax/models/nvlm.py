@@ -289,6 +289,32 @@ def init_params(
         return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def check_mesh(cfg: NVLMConfig, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES) -> None:
+    """Raises a ValueError explaining why `cfg` cannot be laid out on `mesh`, if it cannot.
+
+    Head counts are the usual culprits, so they get a specific hint before the full list of
+    parameters that do not divide (Qwen2-72B has 8 KV heads; the 72B ViT has 25 real heads,
+    padded to 32 by its 7 dummy heads).
+    """
+    hints = []
+    tensor = mesh.shape.get("tensor", 1)
+    if cfg.llm.num_kv_heads % tensor:
+        ok = [d for d in range(1, cfg.llm.num_kv_heads + 1) if cfg.llm.num_kv_heads % d == 0]
+        hints.append(f"the LLM has {cfg.llm.num_kv_heads} KV heads: a tensor axis of {tensor} cannot split them "
+                     f"(use tensor in {ok})")
+    if cfg.vision.total_heads % tensor:
+        v = cfg.vision
+        hints.append(f"the ViT has {v.num_heads} heads + {v.num_dummy_heads} dummy = {v.total_heads}: a tensor "
+                     f"axis of {tensor} cannot split them (pad with num_dummy_heads, e.g. 7 for 32 heads, or "
+                     "replicate the ViT over 'tensor' with rules that map vit_heads/vit_mlp to None)")
+    try:
+        tree_shardings(abstract_params(cfg), mesh, rules)
+    except ValueError as e:
+        raise ValueError("; ".join(hints + [str(e)])) from None
+    if hints:
+        raise ValueError("; ".join(hints))
+
+
 def shard_params(params, cfg: NVLMConfig, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES):
     """Places an existing params dict onto `mesh` by the logical-axis rules."""
     return jax.device_put(params, tree_shardings(abstract_params(cfg), mesh, rules))
