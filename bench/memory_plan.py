@@ -1,0 +1,140 @@
+"""Per-device memory of the real 72B NVLM-D/X/H steps on large meshes, without the hardware.
+
+AOT-compiles (lower + compile; nothing is allocated) the inference forward and a training step
+(AdamW, bf16 compute, f32 master weights and moments, remat) on simulated CPU devices, and prints
+XLA's memory analysis next to an analytic estimate. Run:
+
+    python bench/memory_plan.py [--archs D,X,H] [--meshes infer8,train64,train128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=128"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from nvlm_jax import config as C  # noqa: E402
+from nvlm_jax.models import nvlm  # noqa: E402
+from nvlm_jax.sharding import DEFAULT_RULES, logical_sharding, make_mesh, tree_shardings  # noqa: E402
+
+GIB = 1024**3
+# name: (devices, data, fsdp, tensor, training?, global batch)
+MESHES = {
+    "infer8": (8, 1, 1, 8, False, 1),
+    "train64": (64, 1, 8, 8, True, 8),
+    "train128": (128, 1, 16, 8, True, 16),
+}
+SEQ = {"D": 3200, "X": 1024, "H": 1280}  # paper SFT decoder lengths (Table 11)
+TILES = 7
+
+
+def arch_config(arch: str, training: bool) -> C.NVLMConfig:
+    cfg = {"D": C.nvlm_d_72b, "X": C.nvlm_x_72b, "H": C.nvlm_h_72b}[arch]()
+    return cfg.replace(dtype="bfloat16", param_dtype="float32" if training else "bfloat16",
+                       remat_policy="full" if training else "none")
+
+
+def abstract_batch(cfg: C.NVLMConfig, batch: int, mesh):
+    s, t, px = SEQ[cfg.arch], TILES, cfg.vision.image_size
+    tok = logical_sharding((batch, s), ("activation_batch", "activation_length"), mesh, what="tokens")
+    tiles = logical_sharding((batch, t), ("activation_batch", None), mesh, what="tiles")
+    pix = logical_sharding((batch, t, px, px, 3), ("activation_batch", None, None, None, None), mesh, what="pixels")
+    sd = jax.ShapeDtypeStruct
+    ints = lambda shape, sh: sd(shape, jnp.int32, sharding=sh)  # noqa: E731
+    return {
+        "input_ids": ints((batch, s), tok), "targets": ints((batch, s), tok),
+        "loss_mask": sd((batch, s), jnp.bool_, sharding=tok), "segment_ids": ints((batch, s), tok),
+        "positions": ints((batch, s), tok), "pixel_values": sd((batch, t, px, px, 3), jnp.bfloat16, sharding=pix),
+        "tile_valid": sd((batch, t), jnp.bool_, sharding=tiles), "tile_image": ints((batch, t), tiles),
+        "token_image": ints((batch, s), tok), "token_tile": ints((batch, s), tok),
+    }
+
+
+def loss_fn(params, cfg, batch):
+    logits = nvlm.apply_batch(params, cfg, batch)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def analytic_gib(cfg: C.NVLMConfig, devices: int, training: bool) -> float:
+    n = C.param_count(cfg)
+    per_param = 4 + 4 + 4 + 4 if training else 2  # f32 params, grads, Adam mu and nu | bf16 params
+    return n * per_param / devices / GIB
+
+
+def plan(arch: str, mesh_name: str):
+    devices, data, fsdp, tensor, training, batch = MESHES[mesh_name]
+    mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:devices])
+    cfg = arch_config(arch, training)
+    boxed = nvlm.abstract_params(cfg)
+    shardings = tree_shardings(boxed, mesh)
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    nn.meta.unbox(boxed), shardings)
+    abatch = abstract_batch(cfg, batch, mesh)
+    if training:
+        opt = optax.adamw(1e-5)
+        opt_state = jax.eval_shape(opt.init, params)
+        opt_state = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_like(x, params, shardings, mesh)), opt_state)
+
+        def step(p, o, b):
+            loss, grads = jax.value_and_grad(loss_fn)(p, cfg, b)
+            updates, o = opt.update(grads, o, p)
+            return optax.apply_updates(p, updates), o, loss
+
+        fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(shardings, None, None))
+        args = (params, opt_state, abatch)
+    else:
+        fn = jax.jit(lambda p, b: nvlm.apply_batch(p, cfg, b)[:, -1])
+        args = (params, abatch)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        compiled = fn.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes) / GIB
+    return dict(arch=arch, mesh=mesh_name, devices=devices, shape=f"data={data} fsdp={fsdp} tensor={tensor}",
+                batch=batch, seq=SEQ[arch], args=mem.argument_size_in_bytes / GIB, temp=mem.temp_size_in_bytes / GIB,
+                total=total, analytic=analytic_gib(cfg, devices, training), compile_s=seconds,
+                fits_h100=total <= 80 * 1e9 / GIB, fits_v5p=total <= 95 * 1e9 / GIB)
+
+
+def _like(x, params, shardings, mesh):
+    """Adam moments shard like their params; scalars (counts) replicate."""
+    flat = {leaf.shape: s for leaf, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings),
+                                             strict=True)}
+    return flat.get(x.shape, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--archs", default="D,X,H")
+    parser.add_argument("--meshes", default=",".join(MESHES))
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d')}, CPU AOT compile on {jax.device_count()} simulated devices; GiB per device")
+    print("arch | mesh | devices | layout | batch x seq | args | temp | total (XLA) | analytic params+state | "
+          "compile s | fits 80 GB | fits 95 GB")
+    for mesh_name in args.meshes.split(","):
+        for arch in args.archs.split(","):
+            r = plan(arch, mesh_name)
+            print(f"{r['arch']} | {r['mesh']} | {r['devices']} | {r['shape']} | {r['batch']}x{r['seq']} | "
+                  f"{r['args']:.1f} | {r['temp']:.1f} | {r['total']:.1f} | {r['analytic']:.1f} | "
+                  f"{r['compile_s']:.0f} | {'yes' if r['fits_h100'] else 'no'} | {'yes' if r['fits_v5p'] else 'no'}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
