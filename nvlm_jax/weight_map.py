@@ -11,7 +11,11 @@ layout to ours, and whether the key carries a layer index (layers are stacked on
   q/k/v projections).
 
 `params_from_tensors` assembles a params tree from an in-memory mapping and reports every
-problem at once; the streaming converter uses the same rules one tensor at a time.
+problem at once; the streaming converter (`nvlm_jax.convert`) uses the same rules one tensor at
+a time. Every transform carries its exact inverse, so the same table also exports our params
+back to the PyTorch layout (`layout_slots` lists the keys, `Rule.transform.inverse` lays the
+tensors out). `VIT_HEAD_AXES` says where the ViT arrays keep their heads, for checking,
+dropping or padding the release's zero dummy heads.
 """
 
 from __future__ import annotations
@@ -25,7 +29,23 @@ import numpy as np
 
 from nvlm_jax.config import NVLMConfig
 
-Transform = Callable[[np.ndarray, NVLMConfig], np.ndarray]
+TransformFn = Callable[[np.ndarray, NVLMConfig], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A named layout change PyTorch → ours (`forward`, also `__call__`) and its exact `inverse`.
+
+    Both are pure reshapes/transposes (views where NumPy allows), so they also work on
+    `jax.ShapeDtypeStruct`s under `jax.eval_shape` to compute shapes without data.
+    """
+
+    name: str
+    forward: TransformFn
+    inverse: TransformFn
+
+    def __call__(self, w, cfg: NVLMConfig):
+        return self.forward(w, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +57,15 @@ class Rule:
     # Several HF tensors may fill parts of one of ours (separate q/k/v → fused qkv):
     # `part` selects the slice of our (per-layer) array this key fills.
     part: tuple | None = None
+
+    def key(self, layer: int | None = None) -> str:
+        """The HF key this rule matches for `layer` (the inverse of the pattern)."""
+        pattern = self.pattern
+        if self.layered:
+            if layer is None:
+                raise ValueError(f"rule {self.pattern!r} needs a layer index")
+            pattern = pattern.replace(r"(\d+)", str(layer))
+        return re.sub(r"\\(.)", r"\1", pattern)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,36 +79,43 @@ class Target:
 # ---- transforms (PyTorch layout → ours) -----------------------------------------------------
 
 
-def identity(w, cfg):
-    return w
+identity = Transform("identity", lambda w, cfg: w, lambda x, cfg: x)
+
+# Linear weight (out, in) ↔ kernel (in, out).
+linear_t = Transform("linear_t", lambda w, cfg: w.T, lambda x, cfg: x.T)
 
 
-def linear_t(w, cfg):
-    """Linear weight (out, in) → kernel (in, out)."""
-    return w.T
+def _heads_out(num_heads_fn) -> Transform:
+    """(out=n·d, in) ↔ (in, n, d)."""
+
+    def fwd(w, cfg):
+        return w.T.reshape(w.shape[1], num_heads_fn(cfg), -1)
+
+    def inv(x, cfg):
+        return x.reshape(x.shape[0], -1).T
+
+    return Transform(f"heads_out[{num_heads_fn.__name__}]", fwd, inv)
 
 
-def _heads_out(num_heads_fn):
-    def t(w, cfg):
-        n = num_heads_fn(cfg)
-        return w.T.reshape(w.shape[1], n, -1)  # (out=n·d, in) → (in, n, d)
-
-    return t
-
-
-def _heads_bias(num_heads_fn):
-    def t(w, cfg):
-        return w.reshape(num_heads_fn(cfg), -1)
-
-    return t
+def _heads_bias(num_heads_fn) -> Transform:
+    """(n·d,) ↔ (n, d)."""
+    return Transform(
+        f"heads_bias[{num_heads_fn.__name__}]",
+        lambda w, cfg: w.reshape(num_heads_fn(cfg), -1),
+        lambda x, cfg: x.reshape(-1),
+    )
 
 
-def _heads_in(num_heads_fn):
-    def t(w, cfg):
-        n = num_heads_fn(cfg)
-        return w.T.reshape(n, -1, w.shape[0])  # (out, in=n·d) → (n, d, out)
+def _heads_in(num_heads_fn) -> Transform:
+    """(out, in=n·d) ↔ (n, d, out)."""
 
-    return t
+    def fwd(w, cfg):
+        return w.T.reshape(num_heads_fn(cfg), -1, w.shape[0])
+
+    def inv(x, cfg):
+        return x.reshape(-1, x.shape[-1]).T
+
+    return Transform(f"heads_in[{num_heads_fn.__name__}]", fwd, inv)
 
 
 def _q_heads(cfg):
@@ -94,24 +130,40 @@ def _vit_heads(cfg):
     return cfg.vision.total_heads
 
 
-def vit_qkv(w, cfg):
-    """Fused (3·heads·d, C) → (C, 3, heads, d); rows are Q block, K block, V block."""
+def _vit_qkv_fwd(w, cfg):
     v = cfg.vision
     return w.reshape(3, v.total_heads, v.head_dim, w.shape[1]).transpose(3, 0, 1, 2)
 
 
-def vit_qk_norm(w, cfg):
-    return w.reshape(cfg.vision.total_heads, cfg.vision.head_dim)
+# Fused (3·heads·d, C) ↔ (C, 3, heads, d); rows are Q block, K block, V block.
+vit_qkv = Transform("vit_qkv", _vit_qkv_fwd, lambda x, cfg: x.transpose(1, 2, 3, 0).reshape(-1, x.shape[0]))
+
+vit_qkv_bias = Transform(
+    "vit_qkv_bias",
+    lambda w, cfg: w.reshape(3, cfg.vision.total_heads, cfg.vision.head_dim),
+    lambda x, cfg: x.reshape(-1),
+)
+
+vit_qk_norm = Transform(
+    "vit_qk_norm",
+    lambda w, cfg: w.reshape(cfg.vision.total_heads, cfg.vision.head_dim),
+    lambda x, cfg: x.reshape(-1),
+)
+
+# Conv (out, in, kh, kw) ↔ HWIO.
+patch_conv = Transform("patch_conv", lambda w, cfg: w.transpose(2, 3, 1, 0), lambda x, cfg: x.transpose(3, 2, 0, 1))
 
 
-def patch_conv(w, cfg):
-    """Conv (out, in, kh, kw) → HWIO."""
-    return w.transpose(2, 3, 1, 0)
-
-
-def squeeze_leading(w, cfg):
-    """(1, 1, C) or (1, N, C) → drop the leading unit axes."""
+def _squeeze_fwd(w, cfg):
     return w.reshape(w.shape[-2:] if w.ndim == 3 and w.shape[1] != 1 else w.shape[-1:])
+
+
+def _squeeze_inv(x, cfg):
+    return x.reshape((1,) + tuple(x.shape)) if x.ndim == 2 else x.reshape((1, 1) + tuple(x.shape))
+
+
+# (1, 1, C) ↔ (C,) and (1, N, C) ↔ (N, C): the release's class / position embeddings.
+squeeze_leading = Transform("squeeze_leading", _squeeze_fwd, _squeeze_inv)
 
 
 # ---- rule tables ----------------------------------------------------------------------------
@@ -171,8 +223,7 @@ def _internvit_rules(prefix: str) -> list[Rule]:
         Rule(p + r"embeddings\.patch_embedding\.weight", ("vision", "patch_embedding"), patch_conv),
         Rule(p + r"embeddings\.patch_embedding\.bias", ("vision", "patch_bias"), identity),
         Rule(layer + r"attn\.qkv\.weight", ("vision", "layers", "attn", "qkv", "kernel"), vit_qkv, True),
-        Rule(layer + r"attn\.qkv\.bias", ("vision", "layers", "attn", "qkv", "bias"),
-             lambda w, cfg: w.reshape(3, cfg.vision.total_heads, cfg.vision.head_dim), True),
+        Rule(layer + r"attn\.qkv\.bias", ("vision", "layers", "attn", "qkv", "bias"), vit_qkv_bias, True),
         *_vit_layer_common(layer, names),
     ]
 
@@ -235,7 +286,8 @@ def match(key: str, compiled) -> Target | None:
     return None
 
 
-def _get(tree, path):
+def tree_get(tree, path):
+    """The leaf (or subtree) of a nested dict at `path`, or None."""
     for k in path:
         if not isinstance(tree, Mapping) or k not in tree:
             return None
@@ -243,7 +295,8 @@ def _get(tree, path):
     return tree
 
 
-def _set(tree, path, value):
+def tree_set(tree, path, value):
+    """Sets `tree[path[0]]...[path[-1]] = value`, creating dicts on the way."""
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
@@ -277,7 +330,7 @@ def params_from_tensors(
         if target is None:
             problems.append(f"unexpected key {key!r}")
             continue
-        shape = _get(expected, target.path) if expected is not None else None
+        shape = tree_get(expected, target.path) if expected is not None else None
         if shape is None:
             problems.append(f"key {key!r} maps to {'/'.join(target.path)}, which this model does not have")
             continue
@@ -314,7 +367,7 @@ def params_from_tensors(
             filled[target.path] += 1
     if expected is not None:
         flat = jax.tree_util.tree_flatten_with_path(
-            _get(expected, subtree) if subtree else expected
+            tree_get(expected, subtree) if subtree else expected
         )[0]
         for kp, _ in flat:
             path = (subtree or ()) + tuple(str(getattr(k, "key", k)) for k in kp)
@@ -328,5 +381,86 @@ def params_from_tensors(
         raise ValueError(f"{len(problems)} problem(s) mapping {layout} checkpoint:\n  " + "\n  ".join(problems))
     tree: dict = {}
     for path, arr in out.items():
-        _set(tree, path[len(subtree):] if subtree else path, arr)
+        tree_set(tree, path[len(subtree):] if subtree else path, arr)
     return tree
+
+
+# ---- streaming / export helpers ---------------------------------------------------------------
+
+
+def compile_rules(layout: str):
+    """The compiled table of `layout`, for repeated `match` calls."""
+    return _compile(rules_for(layout))
+
+
+# Our (per-layer, unstacked) ViT params that carry a head axis, and where it is. The release pads
+# 25 real heads with zero "dummy" heads; these are the arrays whose dummy slices must be zero.
+VIT_HEAD_AXES: dict[tuple[str, ...], int] = {
+    ("vision", "layers", "attn", "qkv", "kernel"): 2,  # (C, 3, heads, d)
+    ("vision", "layers", "attn", "qkv", "bias"): 1,  # (3, heads, d)
+    ("vision", "layers", "attn", "q_norm"): 0,  # (heads, d)
+    ("vision", "layers", "attn", "k_norm"): 0,
+    ("vision", "layers", "attn", "proj", "kernel"): 0,  # (heads, d, C)
+}
+
+
+def head_axis(path: tuple[str, ...], part: tuple | None = None) -> int | None:
+    """The head axis of the per-layer array a rule writes (after its `part` index), or None."""
+    axis = VIT_HEAD_AXES.get(tuple(path))
+    if axis is None:
+        return None
+    # Integer indices of `part` before the head axis remove dimensions.
+    return axis - sum(1 for i, p in enumerate(part or ()) if i < axis and not isinstance(p, slice))
+
+
+def heads_slice(ndim: int, axis: int, start: int, stop: int | None = None) -> tuple:
+    """Index selecting heads `start:stop` along `axis` of an `ndim`-dim array."""
+    index = [slice(None)] * ndim
+    index[axis] = slice(start, stop)
+    return tuple(index)
+
+
+def resize_heads(x: np.ndarray, axis: int, total: int) -> np.ndarray:
+    """Drops trailing heads (callers first check they are zero) or pads zero heads to `total`."""
+    have = x.shape[axis]
+    if have == total:
+        return x
+    if have > total:
+        return x[heads_slice(x.ndim, axis, 0, total)]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, total - have)
+    return np.pad(np.asarray(x), pad)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySlot:
+    """One HF tensor of a layout and the slot of our params it fills."""
+
+    key: str
+    rule: Rule
+    layer: int | None
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self.rule.path
+
+
+def layout_slots(layout: str, shapes: Mapping, subtree: tuple[str, ...] | None = None) -> list[KeySlot]:
+    """Every HF key `layout` has for a params tree of `shapes` (our layout), in table order.
+
+    Rules whose param is absent from `shapes` (optional biases, an untied head) are skipped;
+    `subtree` keeps only params under that path. Layer counts come from the stacked shapes.
+    """
+    slots = []
+    for rule in rules_for(layout):
+        if subtree and rule.path[: len(subtree)] != tuple(subtree):
+            continue
+        leaf = tree_get(shapes, rule.path)
+        if leaf is None:
+            continue
+        if rule.layered:
+            for i in range(tuple(leaf.shape)[0]):
+                slots.append(KeySlot(rule.key(i), rule, i))
+        else:
+            slots.append(KeySlot(rule.key(), rule, None))
+    return slots

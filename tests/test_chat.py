@@ -1,0 +1,133 @@
+"""`model.chat`: the release's conversation flow, answer decoding, and the chat CLI."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nvlm_jax
+from nvlm_jax.processing import encode_prompt, get_special_tokens, tile_image
+from tests import hf_checkpoint as hc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nvlm_jax.load_pretrained(hc.tiny_converted(), dtype="float32")
+
+
+def _image(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+class _Recorder:
+    """Stands in for `model.generate`: records its inputs and returns fixed tokens."""
+
+    def __init__(self, tokens):
+        self.tokens, self.calls = np.asarray([tokens], np.int32), []
+
+    def __call__(self, input_ids, pixel_values=None, max_new_tokens=32, do_sample=False, **kwargs):
+        self.calls.append(dict(input_ids=np.asarray(input_ids), pixel_values=pixel_values,
+                               max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs))
+        return self.tokens
+
+
+def _encode(text, model):
+    return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_prompt_follows_the_release(model, monkeypatch):
+    special = get_special_tokens(model.tokenizer)
+    rec = _Recorder(_encode("A red circle.", model) + [special.im_end])
+    monkeypatch.setattr(model, "generate", rec)
+    image = _image(60, 30)  # wide: a 2x1 grid + thumbnail on 28-px tiles
+    answer, history = model.chat(image, "What is this?", return_history=True, max_new_tokens=7)
+    assert answer == "A red circle."
+    assert history == [("<image>\nWhat is this?", "A red circle.")]
+    call = rec.calls[0]
+    tiles = tile_image(image, 6, tile_size=28).pixels
+    np.testing.assert_array_equal(call["pixel_values"], tiles)
+    assert tiles.shape[0] == 3
+    want = encode_prompt(model.tokenizer, "<image>\nWhat is this?", [3], tokens_per_tile=4)
+    np.testing.assert_array_equal(call["input_ids"][0], want.input_ids)
+    assert want.text.startswith("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<Image><tile_1>")
+    assert want.text.endswith("</Image>\nWhat is this?<|im_end|><|im_start|>assistant\n")
+    assert call["stop_token_ids"] == (special.im_end,) and call["max_new_tokens"] == 7
+
+
+def test_history_and_several_images(model, monkeypatch):
+    rec = _Recorder(_encode("Two shapes.", model))
+    monkeypatch.setattr(model, "generate", rec)
+    images = [_image(28, 28), _image(60, 30, seed=1)]  # 1 tile and 3 tiles
+    answer, history = model.chat(images, "Compare them.", return_history=True)
+    assert answer == "Two shapes."
+    assert history[0][0] == "<image>\n<image>\nCompare them."
+    model.chat(images, "And now?", history)
+    second = rec.calls[1]
+    want = encode_prompt(model.tokenizer, "And now?", [1, 3], history, tokens_per_tile=4)
+    np.testing.assert_array_equal(second["input_ids"][0], want.input_ids)
+    assert "<image>" not in want.text and want.text.count("<Image>") == 2
+    assert second["pixel_values"].shape[0] == 4
+
+
+def test_text_only_chat_and_pretiled_pixels(model, monkeypatch):
+    rec = _Recorder(_encode("Hello.", model))
+    monkeypatch.setattr(model, "generate", rec)
+    assert model.chat(None, "Say hello.") == "Hello."
+    assert rec.calls[0]["pixel_values"] is None
+    want = encode_prompt(model.tokenizer, "Say hello.", [])
+    np.testing.assert_array_equal(rec.calls[0]["input_ids"][0], want.input_ids)
+    pixels = np.zeros((2, 28, 28, 3), np.float32)
+    model.chat(pixels, "<image>\nWhere?")
+    assert rec.calls[1]["pixel_values"].shape == (2, 28, 28, 3)
+
+
+def test_answer_is_cut_at_im_end_and_stripped(model, monkeypatch):
+    special = get_special_tokens(model.tokenizer)
+    tokens = _encode("  The circle is red. ", model) + [special.im_end] + _encode("junk", model)
+    monkeypatch.setattr(model, "generate", _Recorder(tokens))
+    assert model.chat(None, "Colour?") == "The circle is red."
+
+
+def test_real_decoding_stops_at_im_end(model):
+    special = get_special_tokens(model.tokenizer)
+    forced = copy.copy(model)
+    # A large constant in embedding dim 0 keeps that dim of the final hidden state positive;
+    # a large weight from it to <|im_end|> makes <|im_end|> the argmax at every step.
+    params = dict(model.params, llm=dict(model.params["llm"]))
+    embed = np.array(params["llm"]["embed_tokens"])
+    embed[:, 0] = 100.0
+    head = np.array(params["llm"]["lm_head"]["kernel"])
+    head[0, special.im_end] = 100.0
+    params["llm"]["embed_tokens"], params["llm"]["lm_head"] = embed, {"kernel": head}
+    forced.params = params
+    assert forced.chat(_image(28, 28), "Anything?", max_new_tokens=8) == ""
+    answer = model.chat(_image(28, 28), "Anything?", max_new_tokens=8)
+    assert isinstance(answer, str) and "<|im_end|>" not in answer
+
+
+def test_chat_without_tokenizer_is_an_error(model):
+    bare = nvlm_jax.NVLMModel(model.config, model.params)
+    with pytest.raises(ValueError, match="without tokenizer files"):
+        bare.chat(None, "hi")
+
+
+def test_chat_cli_single_question_and_interactive(tmp_path):
+    ckpt = hc.tiny_converted()
+    _image(60, 30).save(tmp_path / "img.png")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR=str(tmp_path / "xla"))
+    base = [sys.executable, "-m", "nvlm_jax.chat", f"--checkpoint={ckpt}", f"--image={tmp_path / 'img.png'}",
+            "--dtype=float32", "--max_new_tokens=4"]
+    # absl exits with status 1 after printing --help.
+    usage = subprocess.run(base[:3] + ["--help"], cwd=REPO, env=env, capture_output=True, text=True).stdout
+    assert "--interactive" in usage and "--question" in usage
+    run = subprocess.run(base + ["--interactive", "--question=What is it?"], input="And the colour?\n\n", cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("assistant> ") == 2 and run.stdout.count("user> ") == 2

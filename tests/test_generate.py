@@ -1,0 +1,145 @@
+"""KV-cached generation: batching, sampling, stopping, cache parity and sharding."""
+
+import jax
+import numpy as np
+import pytest
+
+from nvlm_jax import convert
+from nvlm_jax.generate import SamplingParams, generate, pad_prompts, sample_logits, tile_bucket
+from nvlm_jax.models import nvlm as nvlm_model
+from nvlm_jax.sharding import make_mesh
+from tests import hf_checkpoint as hc
+
+
+@pytest.fixture(scope="module")
+def model():
+    out = hc.tiny_converted()
+    cfg = convert.read_our_config(out)
+    return cfg, convert.load_our_params(out, cfg)
+
+
+def _prompts(cfg):
+    rng = np.random.default_rng(3)
+    a = hc.prompt_ids(cfg, [2], seed=1)  # 2 tiles
+    b = rng.integers(1, 900, 7).astype(np.int32)  # text only, short
+    c = hc.prompt_ids(cfg, [1, 1], seed=2, text=12)  # two images, longest
+    pixels = rng.standard_normal((4, 28, 28, 3)).astype(np.float32)
+    return [a, b, c], [pixels[:2], None, pixels[2:]]
+
+
+def test_batched_prompts_of_different_lengths_equal_unbatched(model):
+    cfg, params = model
+    prompts, pixels = _prompts(cfg)
+    batched = generate(params, cfg, prompts, np.concatenate([p for p in pixels if p is not None]),
+                       max_new_tokens=12, return_logits=True)
+    assert batched.tokens.shape == (3, 12)
+    for i, (ids, px) in enumerate(zip(prompts, pixels, strict=True)):
+        alone = generate(params, cfg, [ids], px, max_new_tokens=12, return_logits=True)
+        np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
+        np.testing.assert_allclose(batched.logits[i], alone.logits[0], atol=2e-5, rtol=0)
+
+
+def test_attention_mask_input_equals_list_input(model):
+    cfg, params = model
+    a, b = np.arange(1, 11, dtype=np.int32), np.arange(20, 25, dtype=np.int32)
+    ids = np.zeros((2, 10), np.int32)
+    mask = np.zeros((2, 10), np.int32)
+    ids[0], mask[0] = a, 1
+    ids[1, :5], mask[1, :5] = b, 1  # right-padded row
+    from_mask = generate(params, cfg, ids, attention_mask=mask, max_new_tokens=5).tokens
+    from_list = generate(params, cfg, [a, b], max_new_tokens=5).tokens
+    np.testing.assert_array_equal(from_mask, from_list)
+
+
+def test_cached_decode_logits_equal_full_recomputation(model):
+    cfg, params = model
+    prompts, pixels = _prompts(cfg)
+    ids, px = prompts[0], pixels[0]
+    out = generate(params, cfg, [ids], px, max_new_tokens=12, return_logits=True)
+    full_ids = np.concatenate([ids, out.tokens[0, :-1]])[None]
+    full, _ = nvlm_model.NVLM(cfg).apply({"params": params}, full_ids, px)
+    want = np.asarray(full)[0, len(ids) - 1 :]
+    np.testing.assert_allclose(out.logits[0], want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(out.tokens[0], np.argmax(want, axis=-1))
+
+
+def test_sampling_is_deterministic_per_seed(model):
+    cfg, params = model
+    ids = [np.arange(1, 9, dtype=np.int32), np.arange(30, 36, dtype=np.int32)]
+    hot = SamplingParams(do_sample=True, temperature=1.5)
+    a = generate(params, cfg, ids, max_new_tokens=16, sampling=hot, seed=4).tokens
+    b = generate(params, cfg, ids, max_new_tokens=16, sampling=hot, seed=4).tokens
+    c = generate(params, cfg, ids, max_new_tokens=16, sampling=hot, seed=5).tokens
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_top_k_one_equals_greedy(model):
+    cfg, params = model
+    ids = [np.arange(1, 9, dtype=np.int32), np.arange(30, 36, dtype=np.int32)]
+    greedy = generate(params, cfg, ids, max_new_tokens=16).tokens
+    top1 = generate(params, cfg, ids, max_new_tokens=16, seed=9,
+                    sampling=SamplingParams(do_sample=True, temperature=0.7, top_k=1)).tokens
+    np.testing.assert_array_equal(top1, greedy)
+
+
+def test_stop_tokens_end_each_row_and_the_loop(model):
+    cfg, params = model
+    ids = [np.arange(1, 9, dtype=np.int32), np.arange(30, 36, dtype=np.int32)]
+    free = generate(params, cfg, ids, max_new_tokens=16).tokens
+    stop = int(free[0, 2])
+    first = [int(np.flatnonzero(row == stop)[0]) if np.any(row == stop) else None for row in free]
+    out = generate(params, cfg, ids, max_new_tokens=16, stop_token_ids=[stop], pad_token_id=999).tokens
+    for row, f, o in zip(free, first, out, strict=True):
+        if f is None:
+            np.testing.assert_array_equal(o, row[: o.size])
+        else:
+            np.testing.assert_array_equal(o[: f + 1], row[: f + 1])  # the stop token is kept
+            assert np.all(o[f + 1 :] == 999)
+    if all(f is not None for f in first):
+        assert out.shape[1] == max(first) + 1  # the loop ended when every row had stopped
+
+
+def test_sample_logits_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 64, np.float32))
+    keys = jax.random.key(0)
+    nucleus = sample_logits(logits, keys, do_sample=True, top_k=0, use_top_p=True, top_p=0.5)
+    assert set(np.asarray(nucleus).tolist()) == {0}
+    nucleus = sample_logits(logits, keys, do_sample=True, top_k=0, use_top_p=True, top_p=0.75)
+    assert set(np.asarray(nucleus).tolist()) == {0, 1}
+    topk = sample_logits(logits, keys, do_sample=True, top_k=3, use_top_p=False)
+    assert set(np.asarray(topk).tolist()) == {0, 1, 2}
+    greedy = sample_logits(logits, keys, do_sample=False, top_k=0, use_top_p=False)
+    assert set(np.asarray(greedy).tolist()) == {0}
+
+
+def test_pad_prompts_left_pads_with_segment_zero():
+    batch = pad_prompts([np.array([5, 6, 7]), np.array([8])], pad_id=1, bucket=4)
+    np.testing.assert_array_equal(batch.ids, [[1, 5, 6, 7], [1, 1, 1, 8]])
+    np.testing.assert_array_equal(batch.segment_ids, [[0, 1, 1, 1], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(batch.positions, [[0, 0, 1, 2], [0, 0, 0, 0]])
+    assert [tile_bucket(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+
+
+def test_invalid_requests_are_errors(model):
+    cfg, params = model
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        generate(params, cfg, [np.arange(1, 10)], max_new_tokens=cfg.llm.max_position_embeddings)
+    with pytest.raises(ValueError, match="hold 4 image context tokens"):
+        generate(params, cfg, [hc.prompt_ids(cfg, [1])], np.zeros((2, 28, 28, 3), np.float32))
+    with pytest.raises(ValueError, match="is the image context token"):
+        generate(params, cfg, [np.arange(1, 5)], pad_token_id=cfg.image_context_token_id)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplingParams(do_sample=True, temperature=0.0)
+
+
+def test_sharded_generation_equals_single_device(model):
+    cfg, params = model
+    prompts, pixels = _prompts(cfg)
+    ids = [prompts[1], prompts[0]]
+    px = pixels[0]
+    want = generate(params, cfg, ids, px, max_new_tokens=6).tokens
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = nvlm_model.shard_params(params, cfg, mesh)
+    got = generate(sharded, cfg, ids, px, max_new_tokens=6, mesh=mesh).tokens
+    np.testing.assert_array_equal(got, want)
