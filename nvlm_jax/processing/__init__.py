@@ -20,6 +20,7 @@ from nvlm_jax.processing.tiling import (
     open_image,
     select_grid,
     tile_image,
+    tile_images,
 )
 from nvlm_jax.processing.tokenizer import (
     SpecialTokens,
@@ -49,5 +50,6 @@ __all__ = [
     "open_image",
     "select_grid",
     "tile_image",
+    "tile_images",
     "tile_tags",
 ]

@@ -37,11 +37,13 @@ Decoding choices for real-world files (`open_image`), where the release just cal
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import io
 import os
 import struct
+from collections.abc import Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -429,3 +431,16 @@ def load_image(
         apply_exif_orientation=apply_exif_orientation,
         alpha_background=alpha_background,
     ).pixels
+
+
+def tile_images(sources: Sequence[ImageSource], num_threads: int | None = None, **kwargs) -> list[TiledImage]:
+    """`tile_image` over many images on a thread pool, results in input order.
+
+    Pillow's decode and resize and the NumPy normalisation release the GIL, so threads scale
+    with cores (default: all of them). kwargs are `tile_image`'s.
+    """
+    num_threads = num_threads or os.cpu_count() or 1
+    if num_threads == 1 or len(sources) < 2:
+        return [tile_image(s, **kwargs) for s in sources]
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        return list(pool.map(lambda s: tile_image(s, **kwargs), sources))

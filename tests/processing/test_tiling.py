@@ -393,3 +393,19 @@ def test_unsupported_source_type_is_a_type_error():
 
 def test_default_pixel_limit_is_64_megapixels():
     assert tiling.DEFAULT_MAX_PIXELS == 64_000_000
+
+
+def test_tile_images_on_threads_equals_one_by_one(tmp_path):
+    from nvlm_jax.processing.tiling import tile_image, tile_images
+
+    paths = []
+    for i, size in enumerate([(64, 64), (900, 300), (300, 900), (500, 500)]):
+        path = tmp_path / f"im{i}.png"
+        rgb = np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(path)
+        paths.append(path)
+    many = tile_images(paths, num_threads=2, max_num=4)
+    for path, got in zip(paths, many, strict=True):
+        want = tile_image(path, max_num=4)
+        assert got.grid == want.grid
+        np.testing.assert_array_equal(got.pixels, want.pixels)
