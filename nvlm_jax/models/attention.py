@@ -2,14 +2,18 @@
 
 Masks are described, never materialised by callers: `causal`, segment ids (packed sequences,
 padding, unfilled KV-cache slots) and positions. The XLA path below builds the dense mask from
-the description; kernels (see `kernels/`) derive block maps from the same description.
+the description; the Pallas kernel (`kernels/tile_attention.py`) derives block maps from the same
+description. `attention(..., implementation=...)` dispatches between them and logs its choice.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import struct
+
+from kernels import tile_attention as pallas_kernel
 
 
 @struct.dataclass
@@ -93,6 +97,34 @@ class MaskSpec:
 
 
 QUERY_CHUNK = 512
+IMPLEMENTATIONS = ("xla", "auto", "pallas")
+# "auto" keeps single-step decoding (a handful of queries) on XLA: the kernel pads queries to a
+# 16-row block and gains nothing on a memory-bound step. A heuristic, not a measured crossover.
+AUTO_MIN_QUERIES = 16
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str, warn: bool = False) -> None:
+    """Logs each distinct dispatch decision once per process (calls are traced per shape)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        (logging.warning if warn else logging.info)("attention: %s", message)
+
+
+def _pallas_blocker(implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec) -> str | None:
+    """Why the Pallas kernel should not run for this call (None: run it)."""
+    if implementation == "auto":
+        platform = jax.default_backend()
+        if platform not in ("gpu", "tpu"):
+            return f"platform {platform!r} has no compiled Pallas kernels (interpret mode is for tests)"
+        if q.shape[1] < AUTO_MIN_QUERIES:
+            return f"{q.shape[1]} queries (a decode step) stay on XLA below {AUTO_MIN_QUERIES}"
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            return f"a {mesh.size}-device mesh is active and the kernel has no partitioning rule"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    return pallas_kernel.unsupported_reason(q.shape, k.shape, v.shape, q.dtype, mask)
 
 
 def attention(
@@ -111,11 +143,29 @@ def attention(
     `repeat_kv`). Scores `q·k` are rounded to q's dtype, then multiplied by `scale` and
     soft-maxed in f32; probabilities are rounded back before the value product.
     Returns [batch, q_len, heads, head_dim].
+
+    implementation: "xla" (the path below); "pallas" (`kernels.tile_attention`: compiled on
+    GPU/TPU, interpret mode on CPU); "auto" (Pallas on GPU/TPU, XLA on CPU). "pallas" and "auto"
+    fall back to XLA, with the reason logged, for shapes or settings the kernel does not support;
+    each decision is logged once. The kernel's numerics are described in `kernels/tile_attention.py`
+    (same rounding points; bf16 results differ from this path in the last bits).
     """
-    if implementation not in ("xla", "auto"):
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"attention implementation {implementation!r} is not available; use 'xla' or 'auto'"
+            f"attention implementation {implementation!r} is not available; use one of {IMPLEMENTATIONS}"
         )
+    shapes = f"q {tuple(q.shape)} {q.dtype}, kv {tuple(k.shape)}"
+    if implementation != "xla":
+        blocker = _pallas_blocker(implementation, q, k, v, mask)
+        if blocker is None:
+            backend, interpret = pallas_kernel.default_backend()
+            _log_once(f"{implementation} -> pallas ({backend}{', interpret mode' if interpret else ''}) for {shapes}")
+            mesh = jax.sharding.get_abstract_mesh()
+            if not mesh.empty and mesh.size > 1:
+                _log_once(f"pallas under a {mesh.size}-device mesh: the kernel has no partitioning rule, "
+                          "so its operands are gathered onto every device", warn=True)
+            return pallas_kernel.tile_attention(q, k, v, mask, scale=scale)
+        _log_once(f"{implementation} -> xla for {shapes}: {blocker}", warn=implementation == "pallas")
     s, t = q.shape[1], k.shape[1]
     if s <= QUERY_CHUNK:
         return _attention_xla(q, k, v, mask, scale)
