@@ -3,7 +3,8 @@
     python -m nvlm_jax.chat --checkpoint=DIR --image=photo.jpg --question="Describe the image."
     python -m nvlm_jax.chat --checkpoint=DIR --image=a.png --image=b.png --interactive
 
-`--checkpoint` is one of our Orbax folders or a Hugging Face NVLM-D folder. With
+`--checkpoint` is one of our Orbax folders (NVLM-D, -X or -H: `model.chat` builds each arch's
+prompt and per-row tiles) or a Hugging Face NVLM-D folder. With
 `--interactive`, questions are read from stdin one per line (the first one may come from
 `--question`) and the conversation history is kept; an empty line or end of input quits.
 Compiled programs go to the persistent compilation cache (`nvlm_jax.compile_cache`).
@@ -21,7 +22,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The CLI's flags (defined only when run as a program, so importing this module adds none)."""
-    flags.DEFINE_string("checkpoint", None, "Our Orbax checkpoint folder or a Hugging Face NVLM-D folder.")
+    flags.DEFINE_string("checkpoint", None, "Our Orbax checkpoint folder (NVLM-D/X/H) or a Hugging Face NVLM-D "
+                        "folder.")
     flags.DEFINE_multi_string("image", [], "Image file(s); repeat the flag for several images.")
     flags.DEFINE_string("question", None, "The question (required unless --interactive).")
     flags.DEFINE_bool("interactive", False, "Keep asking questions from stdin, with history.")

@@ -8,6 +8,13 @@ of all rows are written at slot `P + step` with their own positions `n_i + step`
 Images: `encode_images` runs once per call (tiles padded to a power-of-two bucket with a
 validity mask), and the prefill merges the features at the image context tokens.
 
+NVLM-X/H: each row has its own tiles, padded to a common power-of-two number of slots `T`
+(padding slots invalid), and the per-token ids of the batch contract (`token_image`,
+`token_tile`; -1 on left padding). `NVLM.encode` runs once per call and yields the image
+context: the thumbnails' features for the prefill (H) and the cross-attention keys/values of
+every block, which every decode step reuses (`memory_only`). Generated tokens belong to the
+row's latest image (`token_image` = the prompt's last one) and name no tile (`token_tile` = -1).
+
 Sampling (per step, all in f32): greedy argmax, or temperature → top-k → top-p (nucleus) →
 categorical with key `fold_in(PRNGKey(seed), step)`: the same seed gives the same tokens.
 A row stops after emitting any stop token (that token is kept; later slots hold `pad_id`); the
@@ -31,7 +38,7 @@ from flax import linen as nn
 
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models.llm import init_cache
-from nvlm_jax.models.nvlm import NVLM, check_image_token_count
+from nvlm_jax.models.nvlm import NVLM, ImageContext, check_image_token_count
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules
 
 PROMPT_BUCKET = 64
@@ -165,6 +172,148 @@ def _encode_images(params, pixels, *, cfg: NVLMConfig):
     return NVLM(cfg).apply({"params": params}, pixels, method=NVLM.encode_images)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _encode_context(params, ids, pixels, tile_valid, tile_image, token_tile, *, cfg: NVLMConfig) -> ImageContext:
+    return NVLM(cfg).apply({"params": params}, ids, pixels, tile_valid, tile_image, token_tile, method=NVLM.encode)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTiles:
+    """NVLM-X/H inputs of a left-padded batch (see `prepare_row_tiles`).
+
+    pixels [batch, T, H, W, 3] f32, tile_valid [batch, T] bool, tile_image [batch, T] int32 (-1 on
+    padding slots), token_image / token_tile [batch, P] int32 (-1 on padding tokens), and
+    new_image [batch] int32: the `token_image` of generated tokens (the row's latest image).
+    """
+
+    pixels: np.ndarray
+    tile_valid: np.ndarray
+    tile_image: np.ndarray
+    token_image: np.ndarray
+    token_tile: np.ndarray
+    new_image: np.ndarray
+
+
+def _per_row(name: str, values, batch: int) -> list:
+    if values is None:
+        return [None] * batch
+    if isinstance(values, np.ndarray | jax.Array):
+        values = list(values)
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} rows for {batch} prompts")
+    return list(values)
+
+
+def _row_slots(pixel_values, tile_valid, tile_image, batch: int):
+    """Per row: pixels [n, H, W, 3], valid [n], image [n] (n may be 0)."""
+    if isinstance(pixel_values, np.ndarray | jax.Array) and np.ndim(pixel_values) != 5:
+        raise ValueError(
+            f"NVLM-X/H take per-row tiles: pixel_values must be [batch, tiles, H, W, 3] or a list with one "
+            f"[tiles, H, W, 3] array (or None) per prompt, got shape {np.shape(pixel_values)}"
+        )
+    pixel_rows = _per_row("pixel_values", pixel_values, batch)
+    valid_rows = _per_row("tile_valid", tile_valid, batch)
+    image_rows = _per_row("tile_image", tile_image, batch)
+    rows = []
+    for i, (px, valid, image) in enumerate(zip(pixel_rows, valid_rows, image_rows, strict=True)):
+        if px is None or np.shape(px)[0] == 0:
+            rows.append(None)
+            continue
+        px = np.asarray(px, np.float32)
+        if px.ndim != 4:
+            raise ValueError(f"pixel_values of prompt {i} must be [tiles, H, W, 3], got shape {px.shape}")
+        n = px.shape[0]
+        if image is None:
+            raise ValueError(f"prompt {i} has {n} tiles but no tile_image (the image index of each tile)")
+        image = np.asarray(image, np.int32)
+        valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+        if image.shape != (n,) or valid.shape != (n,):
+            raise ValueError(f"prompt {i}: tile_image {image.shape} and tile_valid {valid.shape} must be [{n}] "
+                             "like its tiles")
+        rows.append((px, valid, np.where(valid, image, -1)))
+    return rows
+
+
+def _thumbnails(valid: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Host twin of `nvlm.thumbnail_slots` for one row: the last valid slot of each image."""
+    nxt_image = np.append(image[1:], -1)
+    nxt_valid = np.append(valid[1:], False)
+    return valid & ((nxt_image != image) | ~nxt_valid)
+
+
+def prepare_row_tiles(
+    cfg: NVLMConfig,
+    batch: PromptBatch,
+    pixel_values,
+    token_image,
+    token_tile,
+    tile_image,
+    tile_valid=None,
+    attention_mask=None,
+) -> RowTiles:
+    """Checks the X/H inputs of each prompt on the host and pads them to the batch's shapes.
+
+    pixel_values: a list with one `[tiles_i, H, W, 3]` array (or None) per prompt, or one
+    `[batch, tiles, H, W, 3]` array (with `tile_valid [batch, tiles]`); tile_image: the image index
+    of each tile, per prompt; token_image / token_tile: per prompt, one id per prompt token (as
+    `input_ids`: a list of 1-D arrays, or `[batch, seq]` arrays with the same `attention_mask`).
+    Tile slots are padded to `tile_bucket(max tiles)`.
+    """
+    b, p = batch.ids.shape
+    if token_image is None or token_tile is None:
+        raise ValueError(f"NVLM-{cfg.arch} generation needs token_image and token_tile for every prompt "
+                         "(see nvlm_jax.processing.prompt.cross_attention_ids)")
+    token_image_rows = _rows(token_image, attention_mask)
+    token_tile_rows = _rows(token_tile, attention_mask)
+    slots = _row_slots(pixel_values, tile_valid, tile_image, b)
+    for name, rows in (("token_image", token_image_rows), ("token_tile", token_tile_rows)):
+        if len(rows) != b:
+            raise ValueError(f"{name} has {len(rows)} rows for {b} prompts")
+    t = tile_bucket(max([1] + [row[0].shape[0] for row in slots if row is not None]))
+    size = (cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels)
+    out = RowTiles(
+        pixels=np.zeros((b, t) + size, np.float32),
+        tile_valid=np.zeros((b, t), bool),
+        tile_image=np.full((b, t), -1, np.int32),
+        token_image=np.full((b, p), -1, np.int32),
+        token_tile=np.full((b, p), -1, np.int32),
+        new_image=np.full((b,), -1, np.int32),
+    )
+    for i, (row, tok_image, tok_tile) in enumerate(zip(slots, token_image_rows, token_tile_rows, strict=True)):
+        n_tok = int(batch.lengths[i])
+        ids = batch.ids[i, p - n_tok :]
+        tok_image, tok_tile = np.asarray(tok_image, np.int32), np.asarray(tok_tile, np.int32)
+        if tok_image.shape != (n_tok,) or tok_tile.shape != (n_tok,):
+            raise ValueError(f"prompt {i} has {n_tok} tokens but token_image {tok_image.shape} and token_tile "
+                             f"{tok_tile.shape}")
+        valid = np.zeros(0, bool) if row is None else row[1]
+        image = np.zeros(0, np.int32) if row is None else row[2]
+        num_images = int(image.max(initial=-1)) + 1
+        named = tok_tile[tok_tile >= 0]
+        if named.size and (named.max() >= valid.size or not valid[named].all()):
+            raise ValueError(f"prompt {i}: token_tile names tile {int(named.max())} but the prompt has "
+                             f"{int(valid.sum())} valid tiles")
+        if tok_image.max(initial=-1) >= num_images:
+            raise ValueError(f"prompt {i}: token_image refers to image {int(tok_image.max())} but its tiles "
+                             f"belong to {num_images} images")
+        thumbs = _thumbnails(valid, image)
+        in_decoder = int(thumbs.sum()) if cfg.arch == "H" else 0
+        try:
+            check_image_token_count(cfg, ids, in_decoder)
+        except ValueError as e:
+            raise ValueError(f"prompt {i} (NVLM-{cfg.arch}: image tokens for the thumbnails only"
+                             f"{'' if cfg.arch == 'H' else ', i.e. none'}): {e}") from None
+        if row is not None:
+            n = row[0].shape[0]
+            if row[0].shape[1:] != size:
+                raise ValueError(f"prompt {i}: tiles must be {size}, got {row[0].shape[1:]}")
+            out.pixels[i, :n], out.tile_valid[i, :n], out.tile_image[i, :n] = row
+        out.token_image[i, p - n_tok :] = tok_image
+        out.token_tile[i, p - n_tok :] = tok_tile
+        out.new_image[i] = tok_image.max(initial=-1)
+    return out
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "do_sample", "top_k", "use_top_p", "return_logits"),
@@ -177,6 +326,10 @@ def _generate(
     lengths,
     image_features,
     tile_valid,
+    image_context,
+    token_image,
+    token_tile,
+    new_image,
     key,
     temperature,
     top_p,
@@ -194,10 +347,20 @@ def _generate(
     variables = {"params": params}
     b, p = ids.shape
     cache = init_cache(cfg.llm, b, p + max_new_tokens, jnp.dtype(cfg.dtype))
+    cross = cfg.arch in ("X", "H")
+    if cross:
+        images = dict(image_context=image_context, token_image=token_image, token_tile=token_tile)
+    else:
+        images = dict(image_features=image_features, tile_valid=tile_valid)
     _, cache, hidden = model.apply(
-        variables, ids, image_features=image_features, tile_valid=tile_valid, positions=positions,
-        segment_ids=segment_ids, cache=cache, cache_index=0, return_hidden=True,
+        variables, ids, **images, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=0,
+        return_hidden=True,
     )
+    # Decode steps reuse the image memory's keys/values; new tokens hold no image context tokens.
+    step_images = {}
+    if cross:
+        step_images = dict(image_context=image_context.memory_only(), token_image=new_image[:, None],
+                           token_tile=jnp.full((b, 1), -1, jnp.int32))
     # Only the last position's logits are needed (the full-prompt ones are never computed).
     logits0 = model.apply(variables, hidden[:, -1:], method=lambda m, h: m.llm.logits(h))[:, 0]
     sample = functools.partial(sample_logits, do_sample=do_sample, top_k=top_k, use_top_p=use_top_p,
@@ -218,7 +381,8 @@ def _generate(
         step, cache, tok, done, out, all_logits = state
         pos = (lengths + step - 1)[:, None]  # the previous token's position
         logits, cache = model.apply(
-            variables, tok[:, None], positions=pos, segment_ids=ones, cache=cache, cache_index=p + step - 1
+            variables, tok[:, None], **step_images, positions=pos, segment_ids=ones, cache=cache,
+            cache_index=p + step - 1,
         )
         logits = logits[:, 0]
         new = sample(logits, jax.random.fold_in(key, step))
@@ -247,9 +411,13 @@ def generate(
     params,
     cfg: NVLMConfig,
     input_ids,
-    pixel_values: np.ndarray | None = None,
+    pixel_values=None,
     *,
     attention_mask=None,
+    token_image=None,
+    token_tile=None,
+    tile_image=None,
+    tile_valid=None,
     max_new_tokens: int = 32,
     sampling: SamplingParams = GREEDY,
     seed: int = 0,
@@ -260,14 +428,19 @@ def generate(
     prompt_bucket: int = PROMPT_BUCKET,
     return_logits: bool = False,
 ) -> GenerateOutput:
-    """Generates up to `max_new_tokens` tokens per prompt.
+    """Generates up to `max_new_tokens` tokens per prompt, for any arch.
 
     Args:
       params: model params (on `mesh` when given).
       cfg: the model config.
       input_ids: `[batch, seq]` ids (with `attention_mask` for padded rows) or a list of 1-D
         prompts of different lengths; image context tokens must already be in place.
-      pixel_values: `[tiles, H, W, 3]` float, the tiles of all images of all prompts, in order.
+      pixel_values: NVLM-D: `[tiles, H, W, 3]` float, the tiles of all images of all prompts, in
+        order (or a list with one `[tiles_i, H, W, 3]` array or None per prompt).
+        NVLM-X/H: a list with one `[tiles_i, H, W, 3]` array (or None) per prompt, or
+        `[batch, tiles, H, W, 3]` with `tile_valid [batch, tiles]` (default all valid).
+      token_image, token_tile, tile_image: NVLM-X/H only (ignored for D), per prompt like
+        `input_ids` / its tiles: see `nvlm_jax.processing.prompt.cross_attention_ids`.
       sampling: greedy or sampling settings; `seed` fixes the sampling noise.
       stop_token_ids: a row ends after producing one of these (e.g. `<|im_end|>`); () = never.
       pad_token_id: written after a row has stopped and used to left-pad prompts.
@@ -278,11 +451,6 @@ def generate(
       `GenerateOutput` with `tokens [batch, steps]`, steps ≤ max_new_tokens (fewer when all
       rows stopped early).
     """
-    if cfg.arch != "D":
-        raise ValueError(
-            f"generation is implemented for NVLM-D only; NVLM-{cfg.arch} needs per-row tiles and the "
-            "tile/image ids of the batch contract (use nvlm_jax.models.nvlm.apply_batch for its logits)"
-        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if pad_token_id == cfg.image_context_token_id:
@@ -294,12 +462,20 @@ def generate(
             f"prompt ({int(batch.lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"max_position_embeddings {cfg.llm.max_position_embeddings}"
         )
-    real_ids = batch.ids[batch.segment_ids > 0]
-    n_tiles = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
-    check_image_token_count(cfg, real_ids, n_tiles)
+    cross = cfg.arch in ("X", "H")
+    if cross:
+        rows = prepare_row_tiles(cfg, batch, pixel_values, token_image, token_tile, tile_image, tile_valid,
+                                 attention_mask)
+    else:
+        pixel_values = _flat_tiles(pixel_values)
+        n_tiles = 0 if pixel_values is None else int(np.shape(pixel_values)[0])
+        check_image_token_count(cfg, batch.ids[batch.segment_ids > 0], n_tiles)
     with mesh_context(mesh, rules):
-        features = valid = None
-        if n_tiles:
+        features = valid = context = None
+        if cross:
+            context = _encode_context(params, batch.ids, rows.pixels, rows.tile_valid, rows.tile_image,
+                                      rows.token_tile, cfg=cfg)
+        elif n_tiles:
             pixels = np.asarray(pixel_values, np.float32)
             bucket = tile_bucket(n_tiles)
             if bucket > n_tiles:
@@ -307,7 +483,9 @@ def generate(
             valid = np.arange(bucket) < n_tiles
             features = _encode_images(params, pixels, cfg=cfg)
         tokens, steps, logits = _generate(
-            params, batch.ids, batch.positions, batch.segment_ids, batch.lengths, features, valid,
+            params, batch.ids, batch.positions, batch.segment_ids, batch.lengths, features, valid, context,
+            rows.token_image if cross else None, rows.token_tile if cross else None,
+            rows.new_image if cross else None,
             jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p),
             np.asarray(list(stop_token_ids), np.int32), np.int32(pad_token_id),
             cfg=cfg, max_new_tokens=max_new_tokens, do_sample=sampling.do_sample, top_k=sampling.top_k,
@@ -317,3 +495,13 @@ def generate(
         tokens = np.asarray(tokens)[:, :steps]
         logits = np.asarray(logits)[:, :steps] if return_logits else None
     return GenerateOutput(tokens, logits)
+
+
+def _flat_tiles(pixel_values):
+    """NVLM-D: per-prompt tiles (a list of `[tiles_i, H, W, 3]` arrays or None) → all tiles in order."""
+    if not isinstance(pixel_values, list | tuple):
+        return pixel_values
+    if not any(p is None or np.ndim(p) == 4 for p in pixel_values):
+        return pixel_values  # a list of single [H, W, 3] tiles
+    rows = [np.asarray(p, np.float32) for p in pixel_values if p is not None and np.shape(p)[0]]
+    return np.concatenate(rows) if rows else None

@@ -131,3 +131,36 @@ def test_chat_cli_single_question_and_interactive(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("assistant> ") == 2 and run.stdout.count("user> ") == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
+
+    return load_tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.mark.parametrize("arch", ["X", "H"])  # D: test_real_decoding_stops_at_im_end and the CLI test
+def test_xh_chat_answers_and_the_image_reaches_the_model(arch, tiny_tokenizer):
+    import jax
+
+    from nvlm_jax import config
+    from nvlm_jax.data.pipeline import config_for_tokenizer
+    from nvlm_jax.models import nvlm
+
+    cfg = config_for_tokenizer(config.tiny(arch), tiny_tokenizer)
+    params = nvlm.init_params(cfg, jax.random.key(2))
+    # Open the gates of the cross-attention blocks (zero at init: identity).
+    params["xattn"] = dict(params["xattn"], attn_gate=np.full_like(params["xattn"]["attn_gate"], 0.5),
+                           ffn_gate=np.full_like(params["xattn"]["ffn_gate"], 0.5))
+    model = nvlm_jax.NVLMModel(cfg, params, tiny_tokenizer)
+    image = _image(60, 30)
+    answer, history = model.chat(image, "What is it?", max_new_tokens=3, return_history=True)
+    assert isinstance(answer, str) and history == [("<image>\nWhat is it?", answer)]
+    inputs = model.prepare_chat(image, "What is it?")
+    assert inputs.cross_ids is not None and inputs.pixel_values.shape[0] == 3  # 2 tiles + thumbnail
+    n_ctx = int(np.sum(inputs.input_ids == cfg.image_context_token_id))
+    assert n_ctx == {"X": 0, "H": 1}[arch] * cfg.num_image_tokens  # H: the thumbnail's tokens
+    first = np.asarray(model.forward(inputs))[0, -1]  # the logits of the first answer token
+    other = np.asarray(model.forward(model.prepare_chat(_image(60, 30, seed=5), "What is it?")))[0, -1]
+    assert np.abs(first - other).max() > 1e-4, "the image must change the logits"

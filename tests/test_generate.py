@@ -143,3 +143,93 @@ def test_sharded_generation_equals_single_device(model):
     sharded = nvlm_model.shard_params(params, cfg, mesh)
     got = generate(sharded, cfg, ids, px, max_new_tokens=6, mesh=mesh).tokens
     np.testing.assert_array_equal(got, want)
+
+
+# ---- NVLM-X/H: per-row tiles, cross-attention memory computed once per prompt ----
+
+
+@pytest.fixture(scope="module")
+def xh_models(tmp_path_factory):
+    """Tiny X and H models (gates open, so the images matter) with the tiny tokenizer, and two
+    chat prompts of different lengths and tile counts (1 tile; 1 + 3 tiles)."""
+    from PIL import Image
+
+    from nvlm_jax import NVLMModel, config
+    from nvlm_jax.data.pipeline import config_for_tokenizer
+    from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
+
+    tok = load_tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    rng = np.random.default_rng(0)
+    square, wide = (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((28, 28), (60, 30)))
+    out = {}
+    for arch in ("X", "H"):
+        cfg = config_for_tokenizer(config.tiny(arch), tok)
+        params = nvlm_model.init_params(cfg, jax.random.key(1))
+        params["xattn"] = dict(params["xattn"], attn_gate=np.full_like(params["xattn"]["attn_gate"], 0.5),
+                               ffn_gate=np.full_like(params["xattn"]["ffn_gate"], 0.5))
+        model = NVLMModel(cfg, params, tok)
+        prompts = [model.prepare_chat(square, "Colour?"), model.prepare_chat([square, wide], "Compare the two.")]
+        out[arch] = model, prompts
+    return out
+
+
+def _xh_args(prompts):
+    ids = [p.cross_ids for p in prompts]
+    return dict(pixel_values=[p.pixel_values for p in prompts], token_image=[c.token_image for c in ids],
+                token_tile=[c.token_tile for c in ids], tile_image=[c.tile_image for c in ids])
+
+
+@pytest.mark.parametrize("arch", ["X", "H"])
+def test_xh_cached_decode_equals_greedy_full_forwards(xh_models, arch):
+    model, prompts = xh_models[arch]
+    cfg, p = model.config, prompts[1]
+    assert p.pixel_values.shape[0] == 4
+    steps = 5
+    out = generate(model.params, cfg, [p.input_ids], **_xh_args([p]), max_new_tokens=steps, return_logits=True)
+    s, ids = p.input_ids.size, p.cross_ids
+    pixels, tile_image = p.pixel_values[None], ids.tile_image[None]
+    # One right-padded length for every step: causal attention keeps later slots out of earlier logits.
+    width = s + steps
+    token_image = np.concatenate([ids.token_image, np.full(steps, ids.token_image.max())])[None]
+    token_tile = np.concatenate([ids.token_tile, np.full(steps, -1)])[None]
+    full = jax.jit(lambda x: nvlm_model.NVLM(cfg).apply(
+        {"params": model.params}, x, pixels, None, tile_image=tile_image, token_image=token_image,
+        token_tile=token_tile)[0])
+    seq = np.zeros((1, width), np.int32)
+    seq[0, :s] = p.input_ids
+    for k in range(steps):
+        logits = np.asarray(full(seq))[0, s - 1 + k]
+        np.testing.assert_allclose(out.logits[0, k], logits, atol=1e-4, rtol=0)
+        seq[0, s + k] = np.argmax(logits)
+    np.testing.assert_array_equal(out.tokens[0], seq[0, s:])
+
+
+@pytest.mark.parametrize("arch", ["X", "H"])
+def test_xh_batched_prompts_with_different_tiles_equal_unbatched(xh_models, arch):
+    model, prompts = xh_models[arch]
+    cfg = model.config
+    assert prompts[0].input_ids.size != prompts[1].input_ids.size
+    batched = generate(model.params, cfg, [p.input_ids for p in prompts], **_xh_args(prompts), max_new_tokens=5,
+                       return_logits=True)
+    for i, p in enumerate(prompts):
+        alone = generate(model.params, cfg, [p.input_ids], **_xh_args([p]), max_new_tokens=5, return_logits=True)
+        np.testing.assert_array_equal(batched.tokens[i], alone.tokens[0])
+        np.testing.assert_allclose(batched.logits[i], alone.logits[0], atol=2e-5, rtol=0)
+
+
+def test_xh_generation_input_errors(xh_models):
+    model, prompts = xh_models["H"]
+    cfg, p = model.config, prompts[1]
+    args = _xh_args([p])
+    with pytest.raises(ValueError, match="needs token_image and token_tile"):
+        generate(model.params, cfg, [p.input_ids], args["pixel_values"], tile_image=args["tile_image"])
+    with pytest.raises(ValueError, match="per-row tiles"):
+        generate(model.params, cfg, [p.input_ids], p.pixel_values, **{k: v for k, v in args.items()
+                                                                     if k != "pixel_values"})
+    short = dict(args, pixel_values=[p.pixel_values[:1]], tile_image=[p.cross_ids.tile_image[:1]])
+    with pytest.raises(ValueError, match="token_tile names tile 3 but the prompt has 1 valid tiles"):
+        generate(model.params, cfg, [p.input_ids], **short)
+    # One image of 4 tiles instead of 1 + 3: one thumbnail, but the prompt holds two thumbnails' tokens.
+    merged = dict(args, tile_image=[np.zeros(4, np.int32)], token_image=[np.minimum(p.cross_ids.token_image, 0)])
+    with pytest.raises(ValueError, match="prompt 0 .*hold 8 image context tokens"):
+        generate(model.params, cfg, [p.input_ids], **merged)

@@ -96,3 +96,25 @@ def test_choose_mesh_puts_as_many_devices_on_tensor_as_the_heads_allow(release):
     mesh = nvlm_jax.pretrained.choose_mesh(cfg, 8)  # 2 KV heads: tensor 2, fsdp 4
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert nvlm_jax.pretrained.read_config(release.folder).llm == cfg.llm
+
+
+@pytest.mark.parametrize("arch", ["X", "H"])
+def test_prepare_chat_cross_ids_equal_the_training_pipeline(arch, tmp_path):
+    from nvlm_jax.data import transforms
+    from nvlm_jax.data.pipeline import config_for_tokenizer
+    from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
+
+    tok = load_tokenizer(make_tiny_tokenizer(tmp_path))
+    cfg = config_for_tokenizer(nvlm_jax.config.tiny(arch), tok)
+    model = nvlm_jax.NVLMModel(cfg, params=None, tokenizer=tok)  # prompts only: no params needed
+    pixels = np.zeros((4, 28, 28, 3), np.float32)
+    inputs = model.prepare_chat([pixels[:1], pixels[1:]], "Literal <Image></Image> text, then compare.")
+    assert inputs.prompt.num_tiles == (1, 3)
+    sample = transforms.EncodedSample("s", "r", inputs.prompt, pixels, inputs.prompt.num_tiles)
+    example = transforms.MakeTargets(tok, seq_len=4096, image_context_token_id=cfg.image_context_token_id,
+                                     pad_id=0).map(sample)
+    ids = inputs.cross_ids
+    np.testing.assert_array_equal(ids.token_image, example.token_image)
+    np.testing.assert_array_equal(ids.token_tile, example.token_tile)
+    np.testing.assert_array_equal(ids.tile_image, example.tile_image)
+    assert ids.token_image.max() == 1 and set(ids.token_tile[ids.token_tile >= 0]) == {0, 1, 2, 3}

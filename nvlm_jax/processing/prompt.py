@@ -669,3 +669,48 @@ def iter_answer_spans(example: EncodedPrompt) -> Iterator[tuple[int, int]]:
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
     for start, end in zip(edges[::2], edges[1::2], strict=True):
         yield int(start), int(end)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionIds:
+    """Per-token and per-tile ids the NVLM-X/H cross-attention needs (the batch contract's fields).
+
+    Attributes:
+      token_image: `[seq]` int32, the latest image whose `<Image>` block starts at or before the
+        token (-1: before every image).
+      token_tile: `[seq]` int32, for tile-tag tokens the tile they name (its index among all
+        tiles of the prompt, pixel order); -1 elsewhere, image context tokens included.
+      tile_image: `[tiles]` int32, the image of each tile.
+    """
+
+    token_image: np.ndarray
+    token_tile: np.ndarray
+    tile_image: np.ndarray
+
+
+def cross_attention_ids(encoded: EncodedPrompt, tokenizer: Any, *, token_text: Any = None) -> CrossAttentionIds:
+    """The X/H ids of an encoded prompt, computed exactly as the training pipeline does.
+
+    `<Image>` blocks are located by `nvlm_jax.data.transforms.image_start_tokens` (imported
+    lazily: it lives with the pipeline). Raises ValueError when the blocks cannot be told apart
+    from user text (only possible for NVLM-X with tag style "none" and "<Image></Image>" typed
+    by the user).
+
+    Args:
+      encoded: from `encode_prompt` or `build_training_example` (any arch).
+      tokenizer: the tokenizer that encoded it.
+      token_text: optional reusable id → text cache (`transforms._TokenText`-like, with `join`).
+    """
+    from nvlm_jax.data import transforms  # the pipeline imports this module: import at call time
+
+    if token_text is None:
+        token_text = transforms._TokenText(tokenizer)
+    ids = np.asarray(encoded.input_ids, np.int32)
+    starts = transforms.image_start_tokens(ids, encoded.tile_ids, encoded.num_tiles, token_text)
+    if starts is None:
+        raise ValueError("cannot tell the prompt's <Image> blocks from user text (ambiguous image marker)")
+    context_id = tokenizer_lib.text_encoder(tokenizer).special.vision_pad
+    token_tile = np.where(ids == context_id, -1, encoded.tile_ids).astype(np.int32)
+    token_image = (np.searchsorted(starts, np.arange(ids.size), side="right") - 1).astype(np.int32)
+    tile_image = np.repeat(np.arange(len(encoded.num_tiles), dtype=np.int32), encoded.num_tiles)
+    return CrossAttentionIds(token_image, token_tile, tile_image)
