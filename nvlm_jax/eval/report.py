@@ -1,10 +1,18 @@
-"""A Markdown results table next to the paper's Table 7 (72B models)."""
+"""A Markdown results table next to the paper's Table 7 (72B models).
+
+    python -m nvlm_jax.eval.report --summaries=eval_out --out=table.md
+
+collects every `*summary.json` under `--summaries` (as written by `python -m nvlm_jax.eval`)
+and writes the table (also printed).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping, Sequence
+
+from absl import app, flags
 
 # Paper Table 7 (arXiv 2409.11402v2), 72B models. MMMU: val; AI2D: test (mask setting);
 # OCRBench out of 1000; others in %.
@@ -62,3 +70,26 @@ def write_table(summary_dir: str, out_path: str) -> str:
     with open(out_path, "w") as f:
         f.write(text)
     return text
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a program)."""
+    flags.DEFINE_string("summaries", None, "Folder searched (recursively) for *summary.json files.")
+    flags.DEFINE_string("out", "table.md", "Markdown file to write.")
+    flags.mark_flag_as_required("summaries")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not os.path.isdir(FLAGS.summaries):
+        raise app.UsageError(f"--summaries={FLAGS.summaries} is not a folder")
+    print(write_table(FLAGS.summaries, FLAGS.out), end="")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,43 @@
+"""Trains NVLM as a config file says; resumes from the workdir's checkpoints when it has some.
+
+    python experiments/train.py --config=experiments/configs/tiny.py --workdir=/tmp/tiny
+    python experiments/train.py --config=experiments/configs/tiny.py:X --config.num_steps=100 --workdir=...
+    python experiments/train.py --config=experiments/configs/paper.py:D,72b,sft \\
+        --config.init.checkpoint=/ckpt/nvlm_d_72b --config.data.root=/data/nvlm --workdir=...
+
+Writes `metrics.jsonl`, `tensorboard/` event files and `checkpoints/` into the workdir. The
+logic lives in `nvlm_jax.train.launch`; this file only parses flags.
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nvlm_jax.train import launch  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (experiments/configs/*.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and TensorBoard events.")
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bar on the console.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    logging.getLogger("nvlm_jax").setLevel(logging.INFO)
+    result = launch.train(_CONFIG.value, _WORKDIR.value, console=not _QUIET.value)
+    summary = {k: round(v, 4) for k, v in {**result.last_train, **result.last_eval}.items()
+               if k in ("loss", "accuracy", "exact_match", "step_time_s", "mfu")}
+    print(f"finished step {int(result.state.step)}: {summary}")
+
+
+if __name__ == "__main__":
+    app.run(main)

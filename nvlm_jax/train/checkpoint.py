@@ -1,0 +1,256 @@
+"""Training checkpoints (Orbax `CheckpointManager`) and the generic params restore used to
+initialise a run from a converted checkpoint.
+
+A training checkpoint `<workdir>/checkpoints/<step>/` holds three items:
+  - ``state``: the `TrainState` (params, optimizer state, counters), saved sharded;
+  - ``data``: the data iterator's state (JSON; Grain dict states as they are, byte states
+    base64-encoded), captured when `save` is called, so a resumed run sees exactly the
+    batches the interrupted one would have seen next;
+  - ``config``: the run's config (JSON) for inspection and for `nvlm_jax` tools.
+
+Saves are asynchronous (the step loop continues while arrays are written) and atomic: Orbax
+writes into a temporary folder and renames it to `<step>` only when every item is complete, so
+a process killed mid-save leaves at most a temporary folder, which the next run deletes; the
+latest *complete* step is what `latest_step` and `restore` see. Retention keeps the last
+`keep` steps plus the `keep_best` best by a metric (e.g. held-out exact match).
+
+Restoring takes a target tree of `jax.ShapeDtypeStruct`s with shardings, so a checkpoint saved
+on one mesh restores onto any other mesh shape (each device reads only its shards).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from nvlm_jax.train.step import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Attributes:
+      every: save every this many steps (and at the end of the run).
+      keep: keep the latest `keep` checkpoints.
+      keep_best: also keep the `keep_best` best by `best_metric` (0 = off).
+      best_metric: metric name passed with saves (e.g. "eval/exact_match").
+      best_mode: "max" or "min".
+      async_save: write in the background (`save` returns once arrays are copied off-device).
+    """
+
+    every: int = 100
+    keep: int = 3
+    keep_best: int = 1
+    best_metric: str = "eval/exact_match"
+    best_mode: str = "max"
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep < 1 or self.keep_best < 0:
+            raise ValueError(f"checkpoint every/keep must be >= 1 and keep_best >= 0, got {self}")
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"checkpoint best_mode must be 'max' or 'min', got {self.best_mode!r}")
+
+
+def encode_iterator_state(state: Any) -> dict[str, Any]:
+    """A JSON-able snapshot of a data iterator state (dict/list/number state, bytes, or None)."""
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, bytes):
+        return {"kind": "bytes", "value": base64.b64encode(state).decode()}
+    try:
+        # The round trip takes a deep copy now (the iterator may mutate its state later).
+        return {"kind": "json", "value": json.loads(json.dumps(state, default=_json_default))}
+    except TypeError as e:
+        raise ValueError(f"data iterator state of type {type(state).__name__} is not JSON-serializable: {e}") from e
+
+
+def decode_iterator_state(blob: Mapping[str, Any]) -> Any:
+    """Inverse of `encode_iterator_state`."""
+    kind = blob.get("kind")
+    if kind == "none":
+        return None
+    if kind == "bytes":
+        return base64.b64decode(blob["value"])
+    if kind == "json":
+        return blob["value"]
+    raise ValueError(f"unknown data iterator state kind {kind!r} in checkpoint")
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON-serializable")
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `TrainCheckpoints.restore` returns."""
+
+    step: int
+    state: TrainState
+    data_state: Any
+    run_config: dict[str, Any]
+
+
+class TrainCheckpoints:
+    """Saves and restores training checkpoints under `directory` (see module docstring)."""
+
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.cfg = cfg
+        keep: list = [policies.LatestN(n=cfg.keep)]
+        if cfg.keep_best:
+            metric = cfg.best_metric
+            keep.append(policies.BestN(
+                get_metric_fn=lambda m: float(m[metric]),
+                # BestN keeps the last n after sorting; descending order puts the minimum last.
+                reverse=cfg.best_mode == "min",
+                n=cfg.keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,  # the loop decides when to save
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        """Complete checkpoints on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The latest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_state: Any,
+        run_config: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+    ) -> bool:
+        """Starts saving `state` + `data_state` + `run_config` as checkpoint `step`.
+
+        `metrics` (if it holds `best_metric`) ranks the checkpoint for keep-best. Returns False
+        when `step` is already saved. Call `wait()` before reading the checkpoint back.
+        """
+        if step in self._manager.all_steps():
+            return False
+        best = None
+        if metrics is not None and self.cfg.best_metric in metrics:
+            best = {self.cfg.best_metric: float(metrics[self.cfg.best_metric])}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(encode_iterator_state(data_state)),
+            config=ocp.args.JsonSave(json.loads(json.dumps(dict(run_config), default=_json_default))),
+        )
+        return bool(self._manager.save(step, args=args, metrics=best, force=True))
+
+    def restore(self, target: TrainState, step: int | None = None) -> Restored:
+        """Restores checkpoint `step` (default: the latest) into `target`, a TrainState of
+        `jax.ShapeDtypeStruct`s whose shardings say where each array goes."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
+        try:
+            out = self._manager.restore(step, args=args)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{self.directory / str(step)}: cannot restore the train state for this run: {e}") from e
+        return Restored(step, out.state, decode_iterator_state(out.data), dict(out.config))
+
+    def wait(self) -> None:
+        """Blocks until pending saves are complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# ---- initialising params from another checkpoint -------------------------------------------------
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _prune(tree):
+    """Drops None entries (and dicts left empty) from nested dicts."""
+    if isinstance(tree, Mapping):
+        out = {k: _prune(v) for k, v in tree.items()}
+        return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
+    return tree
+
+
+def restore_params(
+    directory: str | os.PathLike, target: Any, *, allow_missing: bool = False
+) -> tuple[dict[str, Any], list[str]]:
+    """Restores a params tree from an Orbax PyTree checkpoint folder (e.g. the `params/` folder
+    the converter writes, or any `StandardCheckpointer` save of a params dict).
+
+    Args:
+      directory: the Orbax checkpoint folder.
+      target: tree of `jax.ShapeDtypeStruct` (shape, dtype to cast to, sharding to place on).
+      allow_missing: when True, target leaves absent from the checkpoint are left out of the
+        result (the caller initialises them); when False they are an error.
+
+    Returns:
+      (params holding every restored leaf, sorted list of the missing leaf paths "a/b/c").
+
+    Raises ValueError listing every problem at once: missing leaves (unless allowed) and shape
+    mismatches. Leaves in the checkpoint that the target lacks are ignored.
+    """
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"params checkpoint folder {directory} does not exist")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(directory)
+        stored = getattr(meta, "item_metadata", meta)
+        stored = getattr(stored, "tree", stored)
+        stored_leaves = {_path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+        problems, missing = [], []
+
+        def keep(path, t):
+            name = _path_str(path)
+            if name not in stored_leaves:
+                missing.append(name)
+                return None
+            shape = tuple(stored_leaves[name].shape)
+            if shape != tuple(t.shape):
+                problems.append(f"{name}: checkpoint shape {shape} != expected {tuple(t.shape)}")
+            return t
+
+        subset = _prune(jax.tree_util.tree_map_with_path(keep, target))
+        if missing and not allow_missing:
+            problems.append(f"missing from the checkpoint: {sorted(missing)}")
+        if problems:
+            raise ValueError(f"{directory}: cannot initialise params: " + "; ".join(problems))
+        restore_args = jax.tree_util.tree_map(
+            lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape), subset
+        )
+        params = ckptr.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(item=subset, restore_args=restore_args, partial_restore=True),
+        )
+    return params, sorted(missing)

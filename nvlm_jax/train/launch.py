@@ -1,0 +1,368 @@
+"""From a run config (an `ml_collections.ConfigDict`, see `experiments/configs/`) to a training
+run: model config, tokenizer, data pipelines, held-out evaluator, params init, then `loop.train`.
+
+Run config fields (all configs define all of them):
+  arch, stage, seed, num_steps, grad_accum_steps, log_every, max_nonfinite,
+  peak_flops_per_device, compilation_cache_dir, tokenizer ("tiny" or a tokenizer folder;
+  "" = the init checkpoint's folder),
+  model: preset ("tiny", "72b", "34b"), dtype, param_dtype, remat_policy, attention_impl,
+    llm / vision: field overrides (tiny runs),
+  init: checkpoint (a converter output folder or an Orbax params folder; "" = from scratch),
+    config_json (the model config when `checkpoint` is a bare params folder), allow_missing,
+  data: kind ("synthetic", "pretrain_blend", "sft_blend"), root (blends), tasks ({task:
+    weight}, synthetic), train_size, eval_size, batch_size (global), seq_len, tiles_per_row,
+    packing, num_workers, read_threads, seed,
+  eval: every (0 = only at the end), tasks (default: the data tasks), samples_per_task
+    (0 = no evaluation), batch_size,
+  optim: lr_max, lr_min, warmup_steps, total_steps (0 = num_steps), b1, b2, eps,
+    weight_decay, clip_norm, mu_dtype,
+  checkpoint: every, keep, keep_best, best_metric, best_mode, async_save,
+  mesh: data, fsdp, tensor, num_devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from nvlm_jax import config as model_config_lib
+from nvlm_jax.config import NVLMConfig
+from nvlm_jax.models import nvlm
+from nvlm_jax.sharding import DEFAULT_RULES, tree_shardings
+from nvlm_jax.train import checkpoint as ckpt_lib
+from nvlm_jax.train import evaluate as eval_lib
+from nvlm_jax.train import loop as loop_lib
+from nvlm_jax.train.optim import OptimConfig
+from nvlm_jax.train.step import param_shapes
+
+log = logging.getLogger(__name__)
+
+CONVERTED_CONFIG_FILE = "nvlm_config.json"  # what nvlm_jax.convert writes next to params/
+CONVERTED_PARAMS_DIR = "params"
+PRESETS = ("tiny", "72b", "34b")
+
+
+def _plain(c: Any) -> Any:
+    """ConfigDict / FrozenConfigDict / Mapping → plain dict (recursively)."""
+    if hasattr(c, "to_dict"):
+        return c.to_dict()
+    if isinstance(c, Mapping):
+        return {k: _plain(v) for k, v in c.items()}
+    return c
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def _preset(arch: str, preset: str, llm: Mapping[str, Any], vision: Mapping[str, Any]) -> NVLMConfig:
+    if preset == "tiny":
+        base = model_config_lib.tiny(arch)
+        if llm or vision:
+            v = dataclasses.replace(base.vision, **vision)
+            m = dataclasses.replace(base.llm, **llm)
+            proj = dataclasses.replace(
+                base.projector, input_size=v.hidden_size * base.shuffle_scale**2,
+                hidden_size=m.intermediate_size, output_size=m.hidden_size,
+            )
+            base = base.replace(vision=v, llm=m, projector=proj)
+        return base
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset must be one of {PRESETS}, got {preset!r}")
+    if llm or vision:
+        raise ValueError(f"model.llm / model.vision overrides are only for the tiny preset, not {preset!r}")
+    return getattr(model_config_lib, f"nvlm_{arch.lower()}_{preset}")()
+
+
+def _checkpoint_paths(c) -> tuple[Path, Path | None]:
+    """(params folder, config JSON or None) of `init.checkpoint`."""
+    root = Path(c.init.checkpoint)
+    if (root / CONVERTED_CONFIG_FILE).is_file() and (root / CONVERTED_PARAMS_DIR).is_dir():
+        config_json = Path(c.init.config_json) if c.init.config_json else root / CONVERTED_CONFIG_FILE
+        return root / CONVERTED_PARAMS_DIR, config_json
+    return root, Path(c.init.config_json) if c.init.config_json else None
+
+
+def read_model_config(path: str | os.PathLike) -> NVLMConfig:
+    """An `NVLMConfig` from JSON: the converter's `{"config": {...}}` file or a bare config dict."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read model config JSON {path}: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    try:
+        return NVLMConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an NVLMConfig: {e}") from e
+
+
+def model_config(c, tokenizer) -> NVLMConfig:
+    """The model config of run config `c`: from the init checkpoint's config JSON when there is
+    one, else from the preset; then the run's dtypes / remat / attention, and a vocabulary and
+    image context token that fit `tokenizer`."""
+    m = c.model
+    if c.init.checkpoint:
+        _, config_json = _checkpoint_paths(c)
+        if config_json is None:
+            raise ValueError(
+                f"init.checkpoint {c.init.checkpoint} has no {CONVERTED_CONFIG_FILE}; set init.config_json")
+        cfg = read_model_config(config_json)
+        if cfg.arch != c.arch:
+            raise ValueError(f"init checkpoint {c.init.checkpoint} is NVLM-{cfg.arch} but the run's arch is {c.arch}; "
+                             f"assemble an NVLM-{c.arch} checkpoint with nvlm_jax.convert first")
+    else:
+        cfg = _preset(c.arch, m.preset, _plain(m.get("llm", {})), _plain(m.get("vision", {})))
+    cfg = cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+                      attention_impl=m.attention_impl)
+    from nvlm_jax.data.pipeline import config_for_tokenizer
+
+    return config_for_tokenizer(cfg, tokenizer)
+
+
+def load_tokenizer(c):
+    """The run's tokenizer: the built-in tiny one, a tokenizer folder, or the init checkpoint's."""
+    from nvlm_jax.processing import tokenizer as tok
+
+    name = c.tokenizer or (c.init.checkpoint if c.init.checkpoint else "")
+    if not name:
+        raise ValueError("config.tokenizer is empty and there is no init.checkpoint to take it from")
+    if name == "tiny":
+        return tok.build_tiny_backend()
+    return tok.load_tokenizer(name)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def data_config(c, *, packing: bool | None = None, only: str | None = None, eval_size: int | None = None):
+    """The `DataConfig` of run config `c` (optionally one source only, for evaluation)."""
+    from nvlm_jax.data import blends, sources
+    from nvlm_jax.data.pipeline import DataConfig, synthetic_data_config
+
+    d = c.data
+    kwargs = dict(packing=d.packing if packing is None else packing, num_workers=d.num_workers,
+                  read_threads=d.read_threads)
+    if d.kind == "synthetic":
+        cfg = synthetic_data_config(dict(d.tasks), train_size=d.train_size, eval_size=eval_size or d.eval_size,
+                                    seed=d.seed, **kwargs)
+    elif d.kind in ("pretrain_blend", "sft_blend"):
+        if not d.root:
+            raise ValueError(f"data.kind {d.kind!r} needs data.root (a folder of <dataset>/<split>.jsonl)")
+        make = blends.pretrain_data_config if d.kind == "pretrain_blend" else blends.sft_data_config
+        cfg = make(d.root, **kwargs)
+    else:
+        raise ValueError(f"data.kind must be 'synthetic', 'pretrain_blend' or 'sft_blend', got {d.kind!r}")
+    if only is not None:
+        spec = [s for s in cfg.sources if s.name == only]
+        if not spec:
+            raise ValueError(f"eval task {only!r} is not a data source; sources: {[s.name for s in cfg.sources]}")
+        src = spec[0]
+        if eval_size is not None and isinstance(src, sources.SyntheticSource):
+            src = dataclasses.replace(src, eval_size=eval_size)
+        cfg = DataConfig(sources=(dataclasses.replace(src, weight=1.0),), packing=False, shuffle=False,
+                         num_epochs=1, num_workers=0, system_message=cfg.system_message)
+    return cfg
+
+
+def train_iterator(c, cfg: NVLMConfig, tokenizer):
+    """The training `DataIterator` (this process's shard of the global batch)."""
+    from nvlm_jax.data.pipeline import make_pipeline
+
+    d = c.data
+    return make_pipeline(
+        data_config(c), cfg, tokenizer, split="train", seed=d.seed, batch_size=d.batch_size, seq_len=d.seq_len,
+        tiles_per_row=d.tiles_per_row, shard_index=jax.process_index(), shard_count=jax.process_count(),
+    )
+
+
+def eval_batches(c, cfg: NVLMConfig, tokenizer) -> dict[str, list[dict]]:
+    """Held-out batches per eval task: the first `eval.samples_per_task` samples of each task's
+    "eval" split, one sample per row, rows padded to the training shapes."""
+    from nvlm_jax.data.pipeline import make_pipeline
+
+    e, d = c.eval, c.data
+    tasks = list(e.tasks) if e.tasks else list(d.tasks)
+    out = {}
+    for task in tasks:
+        it = make_pipeline(
+            data_config(c, only=task, eval_size=e.samples_per_task), cfg, tokenizer, split="eval", seed=d.seed,
+            batch_size=e.batch_size, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
+        )
+        batches, rows = [], 0
+        for batch in it:
+            batches.append(batch)
+            rows += int((batch["loss_mask"].sum(axis=1) > 0).sum())
+            if rows >= e.samples_per_task:
+                break
+        it.close()
+        if not batches:
+            raise ValueError(f"eval task {task!r} produced no held-out samples")
+        out[task] = batches
+    return out
+
+
+def make_evaluator(c, cfg: NVLMConfig, tokenizer) -> eval_lib.ExactMatchEvaluator | None:
+    """The held-out exact-match evaluator, or None when `eval.samples_per_task` is 0."""
+    if not c.eval.samples_per_task:
+        return None
+    from nvlm_jax.processing import tokenizer as tok
+
+    special = tok.get_special_tokens(tokenizer)
+    return eval_lib.ExactMatchEvaluator(
+        cfg, eval_batches(c, cfg, tokenizer), lambda ids: tok.decode(tokenizer, ids), [special.im_end],
+    )
+
+
+# ---- params init -----------------------------------------------------------------------------------
+
+
+def params_initializer(c, cfg: NVLMConfig) -> loop_lib.InitParams | None:
+    """`mesh -> params` restoring `init.checkpoint` (missing leaves freshly initialised when
+    `init.allow_missing`), or None for a from-scratch run."""
+    if not c.init.checkpoint:
+        return None
+    params_dir, _ = _checkpoint_paths(c)
+
+    def init(mesh: jax.sharding.Mesh):
+        shardings = tree_shardings(nvlm.abstract_params(cfg), mesh, DEFAULT_RULES)
+        shapes = param_shapes(cfg)
+        target = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(cfg.param_dtype), sharding=sh),
+            shapes, shardings,
+        )
+        params, missing = ckpt_lib.restore_params(params_dir, target, allow_missing=c.init.allow_missing)
+        if missing:
+            log.warning("initialising %d params missing from %s: %s", len(missing), params_dir, missing)
+            fresh = nvlm.init_params(cfg, jax.random.key(c.seed), mesh)
+            params = _fill(fresh, params)
+        return params
+
+    return init
+
+
+def _fill(fresh, restored):
+    """`fresh` with every leaf present in the (possibly partial) nested dict `restored` replaced."""
+    if not isinstance(fresh, Mapping):
+        return restored
+    return {k: _fill(v, restored[k]) if k in restored else v for k, v in fresh.items()}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def loop_config(c) -> loop_lib.LoopConfig:
+    return loop_lib.LoopConfig(
+        num_steps=c.num_steps, stage=c.stage, grad_accum_steps=c.grad_accum_steps, log_every=c.log_every,
+        eval_every=c.eval.every, max_nonfinite=c.max_nonfinite, seed=c.seed,
+        mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices=c.mesh.num_devices,
+        peak_flops_per_device=c.peak_flops_per_device,
+    )
+
+
+def optim_config(c) -> OptimConfig:
+    o = _plain(c.optim)
+    if not o.get("total_steps"):
+        o["total_steps"] = c.num_steps
+    return OptimConfig(**o)
+
+
+def checkpoint_config(c) -> ckpt_lib.CheckpointConfig:
+    return ckpt_lib.CheckpointConfig(**_plain(c.checkpoint))
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Persistent XLA compilation cache (restarts of the same run skip compiling)."""
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass
+class Run:
+    """A prepared run: everything `loop.train` needs, built from a run config."""
+
+    config: Any
+    model: NVLMConfig
+    tokenizer: Any
+    evaluator: eval_lib.ExactMatchEvaluator | None
+
+
+def prepare(c) -> Run:
+    """Builds the tokenizer, model config and evaluator of run config `c`."""
+    if c.compilation_cache_dir:
+        enable_compilation_cache(c.compilation_cache_dir)
+    tokenizer = load_tokenizer(c)
+    cfg = model_config(c, tokenizer)
+    return Run(c, cfg, tokenizer, make_evaluator(c, cfg, tokenizer))
+
+
+def train(c, workdir: str | os.PathLike, *, console: bool = True, run: Run | None = None) -> loop_lib.TrainResult:
+    """Trains as run config `c` says, in `workdir` (resuming from its checkpoints if any)."""
+    run = run or prepare(c)
+    it = train_iterator(c, run.model, run.tokenizer)
+    try:
+        return loop_lib.train(
+            run.model, loop_config(c), optim_config(c), checkpoint_config(c), workdir, it,
+            init_params=params_initializer(c, run.model), evaluate=run.evaluator,
+            run_config=_plain(c), console=console,
+        )
+    finally:
+        it.close()
+
+
+# ---- asking the trained model -----------------------------------------------------------------------
+
+
+def question_batch(c, cfg: NVLMConfig, tokenizer, image, question: str) -> dict:
+    """A one-row batch holding `question` about `image` (a PIL image or path; None for text-only)
+    with the same transforms as training (tiling, chat template, tile tags, image tokens). The
+    answer slot holds a placeholder: decoding starts where the answer would."""
+    from nvlm_jax.data import packing
+    from nvlm_jax.data import transforms as tr
+    from nvlm_jax.processing import tokenizer as tok
+
+    d = c.data
+    record = {"conversations": [{"from": "human", "value": ("<image>\n" if image is not None else "") + question},
+                                {"from": "gpt", "value": "?"}],
+              "images": [image] if image is not None else []}
+    pad_id = tok.get_special_tokens(tokenizer).endoftext
+    system = data_config(c).system_message
+    steps = [
+        tr.ValidateConversation(),
+        tr.LoadImages(),
+        tr.TileImages(cfg.vision.image_size, cfg.max_tiles, cfg.use_thumbnail, d.tiles_per_row),
+        tr.EncodeConversation(tokenizer, arch=cfg.arch, tokens_per_tile=cfg.num_image_tokens,
+                              system_message=system, use_thumbnail=cfg.use_thumbnail),
+        tr.MakeTargets(tokenizer, seq_len=d.seq_len, image_context_token_id=cfg.image_context_token_id,
+                       pad_id=pad_id),
+    ]
+    element = tr.ParseRecordDict("question").map(("question", record))
+    for step in steps:
+        element = step.map(element)
+    if isinstance(element, tr.Skipped):
+        raise ValueError(f"cannot encode the question: {element}")
+    row = packing.build_row([element], seq_len=d.seq_len, pad_id=pad_id)
+    batch = packing.BatchRows(batch_size=1, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
+                              tile_size=cfg.vision.image_size, pad_id=pad_id)([row])
+    batch.pop(packing.STATS_KEY, None)
+    return batch
+
+
+def ask(run: Run, params, image, question: str, max_new_tokens: int = 16) -> str:
+    """The model's greedy answer to `question` about `image` (see `question_batch`)."""
+    from nvlm_jax.processing import tokenizer as tok
+
+    batch = question_batch(run.config, run.model, run.tokenizer, image, question)
+    starts, _ = eval_lib.answer_spans(batch)
+    tokens = eval_lib.greedy_fill(params, eval_lib.decoding_batch(batch, starts, max_new_tokens), starts,
+                                  cfg=run.model, max_new_tokens=max_new_tokens)
+    special = tok.get_special_tokens(run.tokenizer)
+    answer, _ = eval_lib.cut_at_stop(list(jax.device_get(tokens)[0]), [special.im_end])
+    return tok.decode(run.tokenizer, answer).strip()

@@ -1,0 +1,290 @@
+"""The training loop: build or resume the state, step, log, evaluate, checkpoint, stop on
+repeated non-finite steps.
+
+Resuming: when the checkpoint folder holds a complete checkpoint, the state (params, optimizer
+state, counters) and the data iterator state are restored from the latest one and training
+continues from its step; the run's loss curve then continues exactly as if never interrupted
+(same batches, same compiled step, same numbers).
+
+Host/device overlap: each step is dispatched, then the next batch is fetched and placed while
+the device computes, then the step's metrics are read back (one small transfer per step, which
+also lets the loop stop right after the K-th consecutive non-finite step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from nvlm_jax.config import NVLMConfig
+from nvlm_jax.data.batch import validate_batch
+from nvlm_jax.models import nvlm
+from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
+from nvlm_jax.train import flops as flops_lib
+from nvlm_jax.train.checkpoint import CheckpointConfig, TrainCheckpoints
+from nvlm_jax.train.freeze import count_params, partition, trainable_mask, trained_subtrees
+from nvlm_jax.train.metrics import MetricsLogger, batch_token_counts, measure_peak_flops, mfu
+from nvlm_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
+from nvlm_jax.train.step import (
+    TrainState,
+    batch_sharding,
+    device_batch,
+    init_train_state,
+    jit_train_step,
+    make_train_step,
+    param_shapes,
+    train_state_shardings,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointableIterator(Protocol):
+    """A data iterator the loop can checkpoint (Grain iterators are)."""
+
+    def __next__(self) -> Mapping[str, np.ndarray]: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Attributes:
+      num_steps: total training steps (batches) of the run, resumed parts included.
+      stage: "pretrain", "sft" or "full" (see `freeze`).
+      grad_accum_steps: micro-batches per step.
+      log_every: write train metrics every this many steps.
+      eval_every: run `evaluate` every this many steps (0 = only at the end).
+      max_nonfinite: stop after this many consecutive non-finite steps.
+      seed: params init seed (from-scratch runs).
+      mesh: (data, fsdp, tensor) sizes, one may be -1; num_devices: use the first n devices
+        (0 = all).
+      peak_flops_per_device: MFU denominator; 0 = measure a bf16 matmul at start.
+    """
+
+    num_steps: int = 1000
+    stage: str = "sft"
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    max_nonfinite: int = 5
+    seed: int = 0
+    mesh: tuple[int, int, int] = (1, -1, 1)
+    num_devices: int = 0
+    peak_flops_per_device: float = 0.0
+
+    def __post_init__(self):
+        if self.num_steps < 1 or self.log_every < 1 or self.max_nonfinite < 1:
+            raise ValueError(f"num_steps, log_every and max_nonfinite must be >= 1, got {self}")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when `max_nonfinite` consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """state: the final TrainState; last_train / last_eval: the latest logged metrics;
+    resumed_from: the checkpoint step the run started from (None = fresh)."""
+
+    state: TrainState
+    last_train: dict[str, float]
+    last_eval: dict[str, float]
+    resumed_from: int | None
+
+
+Evaluate = Callable[[Any, int], Mapping[str, float]]
+InitParams = Callable[[jax.sharding.Mesh], Any]
+
+
+def build_mesh(cfg: LoopConfig) -> jax.sharding.Mesh:
+    devices = jax.devices()
+    if cfg.num_devices:
+        if cfg.num_devices > len(devices):
+            raise ValueError(f"num_devices {cfg.num_devices} > available devices {len(devices)}")
+        devices = devices[: cfg.num_devices]
+    return make_mesh(*cfg.mesh, devices=devices)
+
+
+def train(
+    model_cfg: NVLMConfig,
+    loop_cfg: LoopConfig,
+    optim_cfg: OptimConfig,
+    ckpt_cfg: CheckpointConfig,
+    workdir: str | os.PathLike,
+    train_iter: CheckpointableIterator | Iterator,
+    *,
+    init_params: InitParams | None = None,
+    evaluate: Evaluate | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    console: bool = True,
+) -> TrainResult:
+    """Trains `model_cfg` on `train_iter` batches (see `nvlm_jax.data.batch`) in `workdir`.
+
+    Args:
+      init_params: `mesh -> params` for a fresh run (default: random init with `loop_cfg.seed`);
+        not called when resuming from `workdir/checkpoints`.
+      evaluate: `(params, step) -> {name: value}` on held-out data, logged under "eval/";
+        called every `eval_every` steps and at the end.
+      run_config: JSON-able description of the run saved with every checkpoint.
+
+    Raises:
+      NonFiniteError after `max_nonfinite` consecutive skipped steps (pending checkpoint writes
+      are completed first, so the last good checkpoint is on disk).
+    """
+    workdir = Path(workdir)
+    mesh = build_mesh(loop_cfg)
+    optimizer = make_optimizer(optim_cfg)
+    shapes = param_shapes(model_cfg)
+    mask = trainable_mask(shapes, model_cfg.arch, loop_cfg.stage)
+    trainable_shapes, _ = partition(shapes, mask)
+    state_shardings, state_shapes = train_state_shardings(model_cfg, optimizer, mask, mesh, rules)
+    ckpts = TrainCheckpoints(workdir / CHECKPOINT_DIR, ckpt_cfg)
+    run_config = dict(run_config or {}, model=model_cfg.to_dict())
+    logger = None
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            resumed_from = ckpts.latest_step()
+            if resumed_from is not None:
+                restored = ckpts.restore(state_shapes)
+                state = restored.state
+                if restored.data_state is not None:
+                    if not hasattr(train_iter, "set_state"):
+                        raise ValueError("the checkpoint holds a data iterator state but train_iter has no set_state")
+                    train_iter.set_state(restored.data_state)
+                log.info("resumed from %s (step %d)", ckpts.directory / str(resumed_from), resumed_from)
+            else:
+                if init_params is None:
+                    params = nvlm.init_params(model_cfg, jax.random.key(loop_cfg.seed), mesh, rules)
+                else:
+                    params = init_params(mesh)
+                state = _jitted_state_init(model_cfg, optim_cfg, loop_cfg.stage, mesh, rules)(params)
+            start = int(state.step)
+            log.info("params: %d total, %d trainable (stage %s)", count_params(shapes),
+                     count_params(trainable_shapes), loop_cfg.stage)
+            logger = MetricsLogger(workdir, loop_cfg.num_steps, start, console=console)
+            return _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, logger, evaluate,
+                        run_config, resumed_from)
+    finally:
+        ckpts.close()
+        if logger is not None:
+            logger.close()
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_state_init(model_cfg: NVLMConfig, optim_cfg: OptimConfig, stage: str, mesh: jax.sharding.Mesh,
+                       rules: LogicalRules):
+    """params → a fresh TrainState on `mesh` (params donated), compiled once per configuration."""
+    optimizer = make_optimizer(optim_cfg)
+    mask = trainable_mask(param_shapes(model_cfg), model_cfg.arch, stage)
+    shardings, _ = train_state_shardings(model_cfg, optimizer, mask, mesh, rules)
+    return jax.jit(lambda p: init_train_state(p, optimizer, mask), out_shardings=shardings, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_step(model_cfg: NVLMConfig, optim_cfg: OptimConfig, stage: str, grad_accum_steps: int,
+                 mesh: jax.sharding.Mesh, batch_size: int, rules: LogicalRules):
+    """One jitted step per configuration, so repeated `train` calls in a process (resume tests,
+    notebooks) reuse the compiled program."""
+    optimizer = make_optimizer(optim_cfg)
+    mask = trainable_mask(param_shapes(model_cfg), model_cfg.arch, stage)
+    shardings, _ = train_state_shardings(model_cfg, optimizer, mask, mesh, rules)
+    step = make_train_step(model_cfg, optimizer, mask, lr_schedule(optim_cfg), grad_accum_steps=grad_accum_steps)
+    return jit_train_step(step, shardings, batch_sharding(mesh, batch_size))
+
+
+def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, logger, evaluate, run_config,
+         resumed_from) -> TrainResult:
+    step = int(state.step)
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    if step >= loop_cfg.num_steps:
+        return TrainResult(state, last_train, last_eval, resumed_from)
+    peak = loop_cfg.peak_flops_per_device or measure_peak_flops()
+    peak *= mesh.size
+    trained = trained_subtrees(model_cfg.arch, loop_cfg.stage)
+    has_state = hasattr(train_iter, "get_state")
+    batch = next(train_iter)
+    shape = validate_batch(batch)
+    global_batch = shape[0] * jax.process_count()  # each process feeds its own rows
+    bshard = batch_sharding(mesh, global_batch)
+    step_flops = flops_lib.batch_flops(model_cfg, global_batch, *shape[1:], trained=trained).training
+    step_fn = _jitted_step(model_cfg, optim_cfg, loop_cfg.stage, loop_cfg.grad_accum_steps, mesh, global_batch, rules)
+    window = dict(steps=0, seconds=0.0, text=0, image=0)
+    compile_s, compile_logged = None, False
+    tick = time.perf_counter()
+    while step < loop_cfg.num_steps:
+        text, image = batch_token_counts(batch, model_cfg.image_context_token_id, model_cfg.num_image_tokens)
+        state, metrics = step_fn(state, device_batch(batch, bshard))
+        step += 1
+        save_now = step % ckpts.cfg.every == 0 or step == loop_cfg.num_steps
+        data_state = train_iter.get_state() if save_now and has_state else None
+        batch = next(train_iter) if step < loop_cfg.num_steps else None  # overlaps the device step
+        if batch is not None and validate_batch(batch) != shape:
+            raise ValueError(f"batch shapes changed from {shape} to {validate_batch(batch)}; the data "
+                             "pipeline must emit static shapes")
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        if compile_s is None:
+            compile_s = now - tick  # the first step of the process includes compilation
+        else:
+            window["steps"] += 1
+            window["seconds"] += now - tick
+            window["text"] += text
+            window["image"] += image
+        tick = now
+        stop = metrics["nonfinite_run"] >= loop_cfg.max_nonfinite
+        if step % loop_cfg.log_every == 0 or step == loop_cfg.num_steps or stop:
+            record = dict(metrics)
+            if window["steps"]:
+                secs = window["seconds"]
+                record.update(
+                    step_time_s=secs / window["steps"],
+                    text_tokens_per_s=window["text"] / secs,
+                    image_tokens_per_s=window["image"] / secs,
+                    tflops_per_s=step_flops * window["steps"] / secs / 1e12,
+                    mfu=mfu(step_flops * window["steps"], secs, peak),
+                )
+            if not compile_logged:
+                record["first_step_s"] = compile_s
+                compile_logged = True
+            logger.write(step, record)
+            last_train.update(record)
+            window = dict(steps=0, seconds=0.0, text=0, image=0)
+        if stop:
+            ckpts.wait()
+            raise NonFiniteError(
+                f"{int(metrics['nonfinite_run'])} consecutive steps (up to step {step}) had a non-finite loss or "
+                f"gradient (max_nonfinite={loop_cfg.max_nonfinite}); params were not updated by them. Last good "
+                f"checkpoint: step {ckpts.latest_step()} in {ckpts.directory}"
+            )
+        logger.advance(step)
+        eval_now = evaluate is not None and (
+            step == loop_cfg.num_steps or (loop_cfg.eval_every and step % loop_cfg.eval_every == 0))
+        eval_metrics = None
+        if eval_now:
+            eval_metrics = dict(evaluate(state.params, step))
+            logger.write(step, eval_metrics, prefix="eval")
+            last_eval = eval_metrics
+            tick = time.perf_counter()  # evaluation time is not step time
+        if save_now and metrics["nonfinite_run"] == 0:
+            # Only states right after an applied update are saved (never in a run of skips).
+            best = {f"eval/{k}": v for k, v in eval_metrics.items()} if eval_metrics else None
+            ckpts.save(step, state, data_state, run_config, metrics=best)
+    ckpts.wait()
+    return TrainResult(state, last_train, last_eval, resumed_from)

@@ -1,0 +1,122 @@
+"""The training loop: exact resume, non-finite stop with the last good checkpoint intact,
+metrics in JSONL and TensorBoard, evaluation and keep-best."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvlm_jax.config import tiny
+from nvlm_jax.train import checkpoint, loop, metrics, optim, tensorboard
+from nvlm_jax.train.step import param_shapes
+from tests.train import fakes
+
+CFG = tiny("D")
+# All tests share one configuration, so the jitted step is compiled once per process.
+LOOP = dict(stage="sft", log_every=1, num_devices=1, peak_flops_per_device=1e11, seed=3)
+OPTIM = optim.OptimConfig(lr_max=1e-3, lr_min=1e-4, warmup_steps=2, total_steps=20)
+
+
+@functools.cache
+def _params():
+    return fakes.random_params(CFG, 3)
+
+
+def _fresh_params(mesh):
+    """The same random params for every run, initialised once (the loop donates its input)."""
+    return jax.device_put(jax.tree_util.tree_map(jnp.copy, _params()), mesh.devices.flat[0])
+
+
+def _train(workdir, num_steps, iterator=None, every=3, **kwargs):
+    kwargs.setdefault("init_params", _fresh_params)
+    return loop.train(
+        CFG, loop.LoopConfig(num_steps=num_steps, **{**LOOP, **kwargs.pop("loop", {})}), OPTIM,
+        checkpoint.CheckpointConfig(every=every, keep=2, keep_best=0), workdir,
+        iterator or fakes.FakeIterator(CFG, batch_size=2), console=False, **kwargs,
+    )
+
+
+def _losses(workdir):
+    by_step = {}
+    for r in metrics.read_jsonl(workdir / metrics.METRICS_FILE):
+        if "train/loss" in r:
+            by_step[r["step"]] = r["train/loss"]  # a resumed run re-logs replayed steps: keep the last
+    return by_step
+
+
+def test_resumed_run_continues_the_loss_curve_exactly(tmp_path):
+    straight = _train(tmp_path / "a", 6)
+    assert straight.resumed_from is None and int(straight.state.step) == 6
+    first = _train(tmp_path / "b", 3)
+    second = _train(tmp_path / "b", 6)
+    assert second.resumed_from == 3
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # bitwise: same floats
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                           second.state.params, straight.state.params)
+    assert int(first.state.step) == 3
+    done = _train(tmp_path / "b", 6)  # nothing left to do
+    assert done.resumed_from == 6 and int(done.state.step) == 6
+
+
+class _NaNAfter(fakes.FakeIterator):
+    """Batches whose pixels are NaN from batch `start` on."""
+
+    def __init__(self, start, **kwargs):
+        super().__init__(CFG, **kwargs)
+        self.start = start
+
+    def __next__(self):
+        index = self.index
+        batch = super().__next__()
+        if index >= self.start:
+            batch["pixel_values"][:] = np.nan
+        return batch
+
+
+def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    expected = r"2 consecutive steps \(up to step 5\).*Last good checkpoint: step 3"
+    with pytest.raises(loop.NonFiniteError, match=expected):
+        _train(tmp_path, 10, _NaNAfter(3, batch_size=2), every=1, loop=dict(max_nonfinite=2))
+    ckpts = checkpoint.TrainCheckpoints(tmp_path / loop.CHECKPOINT_DIR, checkpoint.CheckpointConfig(keep_best=0))
+    assert ckpts.latest_step() == 3
+    ckpts.close()
+    records = metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)
+    assert [r["train/finite"] for r in records if "train/finite" in r] == [1, 1, 1, 0, 0]
+    assert records[-1]["train/nonfinite_total"] == 2
+
+
+def test_metrics_go_to_jsonl_and_tensorboard_and_evaluation_is_logged(tmp_path):
+    calls = []
+
+    def evaluate(params, step):
+        calls.append(step)
+        return {"exact_match": step / 10}
+
+    result = _train(tmp_path, 4, every=2, evaluate=evaluate, loop=dict(eval_every=2))
+    assert calls == [2, 4] and result.last_eval == {"exact_match": 0.4}
+    records = metrics.read_jsonl(tmp_path / metrics.METRICS_FILE)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy", "lr", "grad_norm", "step_time_s", "text_tokens_per_s", "image_tokens_per_s",
+                "mfu", "loss_tokens"):
+        assert f"train/{key}" in train[-1], key
+    assert "train/first_step_s" in train[0]
+    assert train[-1]["train/mfu"] > 0 and train[-1]["train/image_tokens_per_s"] > 0
+    scalars = tensorboard.read_scalars(tmp_path / metrics.TENSORBOARD_DIR)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert scalars["train/loss"][-1][1] == pytest.approx(train[-1]["train/loss"])
+    assert scalars["eval/exact_match"] == [(2, pytest.approx(0.2)), (4, pytest.approx(0.4))]
+
+
+def test_init_params_callback_is_used_for_a_fresh_run(tmp_path):
+    shapes = param_shapes(CFG)
+    seen = []
+
+    def init(mesh):
+        seen.append(mesh.shape)
+        return jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.01, s.dtype), shapes)
+
+    result = _train(tmp_path, 1, init_params=init)
+    assert seen and float(np.asarray(result.state.params["vision"]["patch_bias"])[0]) == pytest.approx(0.01)
