@@ -55,8 +55,10 @@ def main(argv):
     if example.image is not None:
         example.image.save(image_path)
     answer = launch.ask(run, result.state.params, example.image, example.question)
+    total = time.perf_counter() - start
 
-    print(f"\nNVLM-{c.arch} (tiny, {c.num_steps} steps, stage {c.stage}) trained in {wall:.0f} s; workdir {workdir}")
+    print(f"\nNVLM-{c.arch} (tiny, {c.num_steps} steps, stage {c.stage}): trained and evaluated in {wall:.0f} s, "
+          f"{total:.0f} s in all; workdir {workdir}")
     print("held-out exact match per task:")
     for key, value in sorted(result.last_eval.items()):
         if key.startswith("exact_match/"):
@@ -65,7 +67,8 @@ def main(argv):
         print(f"  {'mean':>14}: {result.last_eval['exact_match']:.1%}")
     print(f"question about {image_path if example.image is not None else 'no image'}: {example.question!r}")
     print(f"  model answer: {answer!r}   reference: {example.answer!r}")
-    summary = {"arch": c.arch, "steps": c.num_steps, "wall_s": round(wall, 1), "eval": result.last_eval,
+    summary = {"arch": c.arch, "steps": c.num_steps, "train_eval_s": round(wall, 1), "total_s": round(total, 1),
+               "eval": result.last_eval,
                "question": example.question, "answer": answer, "reference": example.answer}
     with open(os.path.join(workdir, "main_job.json"), "w") as f:
         json.dump(summary, f, indent=2)

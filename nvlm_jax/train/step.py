@@ -143,7 +143,7 @@ def make_train_step(
             (stats, grads), _ = jax.lax.scan(micro, (zero_stats, zeros), _split_micro(batch, grad_accum_steps))
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trainable)
         loss = stats.loss_sum / denom
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(_):
