@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -27,26 +26,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.common import bench_tokenizer  # noqa: E402
 from nvlm_jax import config as config_lib  # noqa: E402
 from nvlm_jax.data import pipeline, sources, synthetic  # noqa: E402
-from nvlm_jax.processing import tokenizer  # noqa: E402
-
-RELEASE_FILES = {
-    "vocab.json": "nvlm_d_72b_vocab.json",
-    "merges.txt": "nvlm_d_72b_merges.txt",
-    "tokenizer_config.json": "nvlm_d_72b_tokenizer_config.json",
-}
-
-
-def _tokenizer(tmp: Path):
-    ref = Path(os.environ.get("NVLM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
-    if all((ref / src).is_file() for src in RELEASE_FILES.values()):
-        folder = tmp / "release_tokenizer"
-        folder.mkdir()
-        for dst, src in RELEASE_FILES.items():
-            shutil.copyfile(ref / src, folder / dst)
-        return tokenizer.load_tokenizer(folder), "release Qwen2"
-    return tokenizer.load_tokenizer(tokenizer.make_tiny_tokenizer(tmp / "tiny")), "tiny"
 
 
 def measure(tok, model_cfg, *, workers: int, batches: int, batch_size: int, seq_len: int, tiles: int) -> dict:
@@ -96,7 +78,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2")
     args = parser.parse_args()
 
-    tok, tok_name = _tokenizer(Path(tempfile.mkdtemp()))
+    tok, tok_name = bench_tokenizer(Path(tempfile.mkdtemp()))
     model_cfg = pipeline.config_for_tokenizer(config_lib.nvlm_d_72b(), tok)
     print(
         f"data pipeline, NVLM-D, 448-px tiles (6+1 per sample), {tok_name} tokenizer, batch {args.batch_size} x "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -30,8 +29,9 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.common import bench_tokenizer  # noqa: E402
 from nvlm_jax.processing import prompt as prompt_lib  # noqa: E402
-from nvlm_jax.processing import tiling, tokenizer  # noqa: E402
+from nvlm_jax.processing import tiling  # noqa: E402
 
 # (width, height): the sizes pinned in the tiling tests plus common camera/screen sizes.
 SIZES = [
@@ -46,11 +46,6 @@ QUESTIONS = [
     "How many red circles are there?",
     "<image>\nWhat colour is the largest shape? Answer with one word.",
 ]
-RELEASE_FILES = {
-    "vocab.json": "nvlm_d_72b_vocab.json",
-    "merges.txt": "nvlm_d_72b_merges.txt",
-    "tokenizer_config.json": "nvlm_d_72b_tokenizer_config.json",
-}
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 
@@ -73,17 +68,6 @@ def make_images(folder: Path, seed: int = 0) -> list[Path]:
         pil.save(path, quality=90) if path.suffix == ".jpg" else pil.save(path)
         paths.append(path)
     return paths
-
-
-def load_bench_tokenizer(tmp: Path):
-    ref = Path(os.environ.get("NVLM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
-    if all((ref / src).is_file() for src in RELEASE_FILES.values()):
-        folder = tmp / "release_tokenizer"
-        folder.mkdir()
-        for dst, src in RELEASE_FILES.items():
-            shutil.copyfile(ref / src, folder / dst)
-        return tokenizer.load_tokenizer(folder), "release Qwen2 (151,665 tokens)"
-    return tokenizer.load_tokenizer(tokenizer.make_tiny_tokenizer(tmp / "tiny")), "tiny test"
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,7 +180,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         (tmp / "images").mkdir()
         paths = make_images(tmp / "images")
-        tok, tok_name = load_bench_tokenizer(tmp)
+        tok, tok_name = bench_tokenizer(tmp)
 
         total_tiles = 0
         for i, path in enumerate(paths):  # same results, and warm-up
