@@ -238,8 +238,10 @@ BENCHES: dict[str, Bench] = {b.name: b for b in [
 
 
 def discover(bench_dir: Path = REPO / "bench") -> list[str]:
-    """Bench script names in bench/ (registered ones first, in registry order)."""
-    found = sorted(p.stem for p in bench_dir.glob("*.py") if p.stem not in ("run_all", "__init__"))
+    """Bench script names in bench/ (registered ones first, in registry order); a script is a
+    file with a `__main__` guard (shared helper modules are not run)."""
+    found = sorted(p.stem for p in bench_dir.glob("*.py")
+                   if p.stem != "run_all" and '__name__ == "__main__"' in p.read_text(encoding="utf-8"))
     return [n for n in BENCHES if n in found] + [n for n in found if n not in BENCHES]
 
 

@@ -121,10 +121,13 @@ def test_unrecognised_output_gives_no_figures(run_all):
         assert parse("Traceback (most recent call last):\nboom\n") == []
 
 
-def test_every_bench_script_is_registered(run_all):
+def test_every_bench_script_is_registered(run_all, tmp_path):
     names = run_all.discover()
     assert set(run_all.BENCHES) <= set(names)
     assert "run_all" not in names
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    (tmp_path / "new_bench.py").write_text('if __name__ == "__main__":\n    print(1)\n')
+    assert run_all.discover(tmp_path) == ["new_bench"]
 
 
 def test_a_gpu_bench_is_skipped_with_its_reason_on_cpu(run_all):
