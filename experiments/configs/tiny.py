@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.seq_len = 40
     c.data.tiles_per_row = 1
     c.data.packing = True
-    c.data.num_workers = 0
+    c.data.num_workers = 1  # one grain worker process prepares batches while the step runs
     c.data.read_threads = 0
     c.data.seed = 0
 

@@ -23,7 +23,7 @@ OVERRIDES = [
     "--config.model.llm.hidden_size=64", "--config.model.llm.intermediate_size=128",
     "--config.model.llm.head_dim=16", "--config.model.vision.hidden_size=32",
     "--config.model.vision.intermediate_size=64", "--config.model.vision.num_heads=2",
-    "--config.mesh.num_devices=1", "--config.peak_flops_per_device=1e11", "--quiet",
+    "--config.data.num_workers=0", "--config.mesh.num_devices=1", "--config.peak_flops_per_device=1e11", "--quiet",
 ]
 
 
