@@ -5,7 +5,7 @@ where the peak is measured in the same run, before and after the steps (the larg
 best FLOP/s of a large bf16×bf16→f32 matmul (`jnp.dot(..., preferred_element_type=f32)`), the
 op the model's linear layers use.
 
-    python bench/train_step.py [--batch 4] [--seq 1024] [--steps 5] [--stage sft] [--dtype bfloat16]
+    python bench/train_step.py [--batch 8] [--seq 512] [--steps 5] [--stage sft] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def make_batch(cfg: C.NVLMConfig, batch: int, seq: int, tiles: int, seed: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--tiles", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--stage", default="sft", choices=freeze.STAGES)
