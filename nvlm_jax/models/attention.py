@@ -14,6 +14,7 @@ from absl import logging
 from flax import struct
 
 from kernels import tile_attention as pallas_kernel
+from nvlm_jax.models import matmul
 
 
 @struct.dataclass
@@ -192,7 +193,7 @@ def _attention_xla(q, k, v, mask: MaskSpec, scale: float) -> jax.Array:
     kh = k.transpose(0, 2, 3, 1)  # [b, kvh, d, t]
     vh = v.transpose(0, 2, 1, 3)  # [b, kvh, t, d]
     # Scores are rounded to the input dtype (the reference's bf16 matmul), then scaled in f32.
-    scores = jnp.einsum("bkgsd,bkdt->bkgst", qh, kh, preferred_element_type=q.dtype)
+    scores = matmul.einsum("bkgsd,bkdt->bkgst", qh, kh, q.dtype, q.dtype)
     scores = scores.astype(jnp.float32) * scale
     dense = mask.dense(b, s, t)
     if dense is not None:
@@ -205,7 +206,7 @@ def _attention_xla(q, k, v, mask: MaskSpec, scale: float) -> jax.Array:
     weights = jnp.exp(scores - jax.lax.stop_gradient(row_max))
     total = jnp.sum(weights, axis=-1, keepdims=True)
     # Softmax normalisation is applied after the value product: [s, d] instead of [s, t] work.
-    out = jnp.einsum("bkgst,bktd->bkgsd", weights.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    out = matmul.einsum("bkgst,bktd->bkgsd", weights, vh, v.dtype, jnp.float32)
     nonempty = total > 0
     out = out * jnp.where(nonempty, 1.0 / jnp.where(nonempty, total, 1.0), 0.0)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)

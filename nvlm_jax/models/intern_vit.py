@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nvlm_jax.config import VisionConfig
+from nvlm_jax.models import matmul
 from nvlm_jax.models.attention import MaskSpec, attention
 from nvlm_jax.models.linear import Linear
 from nvlm_jax.models.norms import LayerNorm, RMSNorm, rms_normalize
@@ -166,10 +167,7 @@ class InternViT(nn.Module):
         # to match the HWIO kernel layout; patch index = row * gw + col as in the reference.
         patches = pixels.astype(self.dtype).reshape(t, gh, p, gw, p, ch).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(t, gh * gw, p * p * ch)
-        x = jnp.einsum(
-            "tnk,kc->tnc", patches, kernel.reshape(p * p * ch, c.hidden_size).astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        x = matmul.einsum("tnk,kc->tnc", patches, kernel.reshape(p * p * ch, c.hidden_size), self.dtype, jnp.float32)
         x = (x + bias.astype(jnp.float32)).astype(self.dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (t, 1, c.hidden_size)), x], axis=1)
         x = x + self._positions(pos, gh, gw).astype(self.dtype)[None]

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nvlm_jax.models import matmul
+
 
 class Linear(nn.Module):
     """`y = x · W (+ b)`, contracting the last `in_dims` axes of x with the first of W.
@@ -48,13 +50,9 @@ class Linear(nn.Module):
             kernel_shape,
             self.param_dtype,
         )
-        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            (contract, ((), ())),
-            preferred_element_type=jnp.float32,
-        )
+        # The matmul's backward also runs in `dtype` (see `matmul`); f32 accumulation throughout.
+        spec = matmul.linear_spec(x.ndim, self.in_dims, len(out_shape))
+        y = matmul.einsum(spec, x, kernel, self.dtype, jnp.float32)
         if not self.use_bias:
             return y.astype(self.dtype)
         bias = self.param(

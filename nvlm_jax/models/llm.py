@@ -12,6 +12,7 @@ from flax import linen as nn
 from flax import struct
 
 from nvlm_jax.config import LLMConfig
+from nvlm_jax.models import matmul
 from nvlm_jax.models.attention import MaskSpec, attention
 from nvlm_jax.models.cross_attention import GatedCrossAttention
 from nvlm_jax.models.linear import Linear
@@ -148,10 +149,7 @@ class LLM(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [batch, seq, embed] → f32 logits [batch, seq, vocab]."""
         if self.cfg.tie_word_embeddings:
-            out = jnp.einsum(
-                "bse,ve->bsv", hidden, self.embed_tokens.astype(self.dtype),
-                preferred_element_type=jnp.float32,
-            ).astype(self.dtype)
+            out = matmul.einsum("bse,ve->bsv", hidden, self.embed_tokens, self.dtype, self.dtype)
         else:
             out = self.lm_head(hidden)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
