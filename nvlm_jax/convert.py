@@ -22,12 +22,26 @@ Dummy ViT heads (25 real heads padded to 32 in the release) are verified to be e
 by default the padded layout is kept (32 heads shard 8 ways), `drop_dummy_heads=True` slices
 them away (exact, since they are zero).
 
+Sharded mode (`mesh=` / `--mesh`, for models too big for one host): the same validated plan, but
+each param becomes a global `jax.Array` on the mesh whose blocks every process reads straight
+from the safetensors (one `pread` per contiguous run of the block, so a process reads only the
+bytes of its own shards, never a whole tensor), casts to the target dtype and places on its
+devices; Orbax then writes each process's shards from that process, the primary process writes
+the metadata, and process 0 alone stages/renames the folder and writes the config and
+tokenizer files (barriers between). All processes validate the source and the mesh before
+anything is written. Orbax restores the result onto any mesh (`load_our_params`), not only the
+one it was written with.
+
 Also here: `load_hf_params` (the same streaming plan, straight onto devices), `export_hf`
 (our params → release-layout safetensors + config.json; bit-exact round trip), `assemble`
 (a standalone InternViT + a standalone Qwen2/Llama LM → an NVLM checkpoint with a freshly
 initialised projector: the starting point of stage-1 training), and the CLI:
 
     python -m nvlm_jax.convert --hf_dir=DIR --out_dir=DIR [--dtype=bfloat16] [--drop_dummy_heads]
+    # Sharded: the same command in each of N processes, with JAX_COORDINATOR_ADDRESS=HOST0:PORT,
+    # JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i set (or --coordinator_address/--num_processes/
+    # --process_id; one process needs none); out_dir on a file system all processes share:
+    python -m nvlm_jax.convert --hf_dir=DIR --out_dir=DIR --mesh=DATA,FSDP,TENSOR
     python -m nvlm_jax.convert --export_from=ORBAX_DIR --out_dir=DIR [--max_shard_size=5GB]
     python -m nvlm_jax.convert --vit_dir=DIR --llm_dir=DIR --out_dir=DIR [--arch=D]
 
@@ -58,11 +72,12 @@ from absl import app, flags
 from flax import linen as nn
 from numpy.lib.array_utils import byte_bounds
 
+from nvlm_jax import distributed
 from nvlm_jax import weight_map as wm
 from nvlm_jax.config import NVLMConfig, ProjectorConfig, VisionConfig
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec
-from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, tree_shardings
+from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh, tree_shardings
 
 HF_CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -333,6 +348,51 @@ def copy_tensor(dst: np.ndarray, file: SafetensorsFile, key: str, view: Callable
                 d2[i : i + _TILE, o0 + j : o0 + j1] = data[i : i + _TILE, j:j1]
 
 
+# A block of an array: (start, stop) per axis.
+Bounds = tuple[tuple[int, int], ...]
+
+
+def _is_view_of(view: np.ndarray, base: np.ndarray) -> bool:
+    """Whether `view` lies inside `base`'s memory with positive strides on its non-trivial axes
+    (what `_storage_runs` needs)."""
+    lo, hi = byte_bounds(view)
+    base_lo, base_hi = byte_bounds(base)
+    return base_lo <= lo and hi <= base_hi and all(s > 0 for s, n in zip(view.strides, view.shape, strict=True)
+                                                   if n > 1)
+
+
+def _storage_runs(view: np.ndarray, base: np.ndarray) -> tuple[tuple[int, ...], np.ndarray, int]:
+    """How to read a strided `view` of `base` (a tensor's bytes) as a list of contiguous runs.
+
+    Returns `(order, starts, run_bytes)`: `view.transpose(order)` walks storage order (axes by
+    decreasing stride); its trailing axes that are contiguous form runs of `run_bytes`, which
+    start at byte offsets `starts` (from `base`'s first byte) in C order of the leading axes.
+    E.g. a column block [r0:r1, c0:c1] of a row-major matrix is r1 - r0 runs of a row piece each.
+    """
+    order = tuple(sorted(range(view.ndim), key=lambda a: (view.shape[a] > 1, -view.strides[a])))
+    shape = [view.shape[a] for a in order]
+    strides = [view.strides[a] for a in order]
+    inner, run_bytes = view.ndim, view.itemsize
+    while inner > 0 and (shape[inner - 1] == 1 or strides[inner - 1] == run_bytes):
+        run_bytes *= shape[inner - 1]
+        inner -= 1
+    offset = view.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    starts = np.full(1, offset, np.int64)
+    for size, stride in zip(shape[:inner], strides[:inner], strict=True):
+        starts = (starts[:, None] + np.arange(size, dtype=np.int64) * stride).reshape(-1)
+    return order, starts, run_bytes
+
+
+def read_strided(file: SafetensorsFile, key: str, view: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """`np.array(view)` for a strided view of tensor `key`'s memory map `base`, read with one
+    `pread` per contiguous run: only the bytes the view covers are read (the map is never
+    touched), so a process reading its shard of a tensor reads just that share."""
+    order, starts, run_bytes = _storage_runs(view, base)
+    buf = np.empty(tuple(view.shape[a] for a in order), view.dtype)
+    file.read_runs(key, starts, run_bytes, buf.reshape(-1).view(np.uint8))
+    return buf.transpose(np.argsort(order))
+
+
 @dataclasses.dataclass
 class SourceSlot:
     """One source tensor and how it lands in (a part of) one layer slab of our param."""
@@ -358,6 +418,46 @@ class SourceSlot:
 
     def copy_into(self, dst: np.ndarray) -> None:
         copy_tensor(dst, self.file, self.key, self.view)
+
+    def read_region(self, bounds: Bounds, dst: np.ndarray) -> int:
+        """Copies what this slot holds of the per-layer block `bounds` of our param into `dst`
+        (that block, cast to its dtype), reading only the source bytes the block covers.
+
+        Returns the source bytes read. Heads past the source's own (padding) are left alone;
+        `dst` starts out zero.
+        """
+        src_bounds, dst_index, free = [], [], []  # free: dst axes that are axes of the slot's view
+        for axis, (start, stop) in enumerate(bounds):
+            p = self.part[axis] if self.part is not None and axis < len(self.part) else slice(None)
+            if isinstance(p, (int, np.integer)):  # this slot fills one index of that axis
+                if not start <= p < stop:
+                    return 0
+                dst_index.append(int(p) - start)
+            elif p == slice(None):
+                src_bounds.append((start, stop))
+                dst_index.append(slice(None))
+                free.append(axis)
+            else:
+                raise ValueError(f"{self.key!r}: cannot read a block of part {self.part} (only ints and ':')")
+        mapped = self.file.tensor(self.key)
+        view = self.transform(mapped, self.cfg)
+        if self.head_axis is not None:
+            start, stop = src_bounds[self.head_axis]
+            stop = min(stop, view.shape[self.head_axis])  # past the source's heads: zero padding
+            if stop <= start:
+                return 0
+            src_bounds[self.head_axis] = (start, stop)
+            dst_index[free[self.head_axis]] = slice(0, stop - start)
+        sub = view[tuple(slice(a, b) for a, b in src_bounds)]
+        if sub.size == 0:
+            return 0
+        if _is_view_of(sub, mapped):
+            data = read_strided(self.file, self.key, sub, mapped)
+            nbytes = data.nbytes
+        else:  # the transform copied (none of ours does): the whole tensor was read
+            data, nbytes = np.asarray(sub), self.nbytes
+        dst[tuple(dst_index)] = data
+        return nbytes
 
 
 class StreamedParam(abc.ABC):
@@ -407,6 +507,10 @@ class StreamedParam(abc.ABC):
             out[i] = self.slab(i)
         return out
 
+    @abc.abstractmethod
+    def shard(self, bounds: Bounds) -> tuple[np.ndarray, int]:
+        """The block `bounds` ((start, stop) per axis) of the param and the source bytes read for it."""
+
 
 class MappedParam(StreamedParam):
     """A param filled from source tensors through the weight map."""
@@ -425,6 +529,20 @@ class MappedParam(StreamedParam):
                 self.progress(s.nbytes)
         return out
 
+    def shard(self, bounds: Bounds) -> tuple[np.ndarray, int]:
+        # Zeros, not empty: padded dummy heads have no source and must read as 0.
+        out = np.zeros(tuple(b - a for a, b in bounds), self.dtype)
+        nbytes = 0
+        if not self.layered:
+            for s in self.slots[None]:
+                nbytes += s.read_region(bounds, out)
+            return out, nbytes
+        (first, last), rest = bounds[0], bounds[1:]
+        for layer in range(first, last):
+            for s in self.slots[layer]:
+                nbytes += s.read_region(rest, out[layer - first])
+        return out, nbytes
+
 
 class ArrayParam(StreamedParam):
     """A param already in memory (e.g. a freshly initialised projector)."""
@@ -435,6 +553,9 @@ class ArrayParam(StreamedParam):
 
     def slab(self, layer: int | None) -> np.ndarray:
         return self.array if layer is None else self.array[layer]
+
+    def shard(self, bounds: Bounds) -> tuple[np.ndarray, int]:
+        return np.array(self.array[tuple(slice(a, b) for a, b in bounds)]), 0
 
 
 def _zero_view(shape: Sequence[int]) -> np.ndarray:
@@ -758,6 +879,108 @@ def save_streamed(directory: Path, tree: Mapping) -> None:
         ckptr.save(directory, args=ocp.args.PyTreeSave(tree, save_args=args))
 
 
+# ---- sharded writing: each process reads and writes only its shards --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedWrite:
+    """What one process did in `save_sharded`.
+
+    Attributes:
+      bytes_read: source bytes this process read for its shards (counted at the `pread`s).
+      share_bytes: the source bytes of the distinct blocks its devices hold, from the shardings
+        alone (each block's share of its param's source bytes): what `bytes_read` should be.
+      total_bytes: source bytes of the whole checkpoint.
+      blocks: distinct blocks read (replicas on several local devices are read once).
+    """
+
+    bytes_read: int
+    share_bytes: int
+    total_bytes: int
+    blocks: int
+
+
+def _bounds(index: tuple, shape: Sequence[int]) -> Bounds:
+    """A shard index (slices, as in `Sharding.addressable_devices_indices_map`) as `Bounds`."""
+    out = []
+    for axis, size in enumerate(shape):
+        start, stop, step = (index[axis] if axis < len(index) else slice(None)).indices(size)
+        if step != 1:
+            raise ValueError(f"shard index {index} has step {step} on axis {axis}; only contiguous blocks are read")
+        out.append((start, stop))
+    return tuple(out)
+
+
+def _local_blocks(shape: Sequence[int], sharding: jax.sharding.Sharding) -> dict[Bounds, list[jax.Device]]:
+    """The distinct blocks this process's devices hold, each with the devices holding it."""
+    blocks: dict[Bounds, list[jax.Device]] = {}
+    for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        blocks.setdefault(_bounds(index, shape), []).append(device)
+    return blocks
+
+
+def _source_bytes(param: StreamedParam) -> int:
+    if isinstance(param, MappedParam):
+        return sum(s.nbytes for slots in param.slots.values() for s in slots)
+    return 0
+
+
+def _global_array(param: StreamedParam, sharding: jax.sharding.Sharding, blocks, on_read) -> jax.Array:
+    """`param` as a global jax.Array of `sharding`, built from this process's blocks only.
+
+    Like `jax.make_array_from_callback`, but each block goes to its devices before the next is
+    read, so host memory holds one block, not the process's whole share of the param.
+    """
+    arrays = []
+    for bounds, devices in blocks.items():
+        host, nbytes = param.shard(bounds)
+        on_read(nbytes)
+        arrays += [jax.device_put(host, d) for d in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(param.shape, sharding, arrays)
+
+
+def save_sharded(
+    directory: Path,
+    plan: ConversionPlan,
+    mesh: jax.sharding.Mesh,
+    rules: LogicalRules = DEFAULT_RULES,
+    progress: bool = False,
+) -> ShardedWrite:
+    """Writes `plan`'s params as an Orbax checkpoint laid out on `mesh`; called by every process.
+
+    Each param becomes a global jax.Array whose blocks this process reads straight from the
+    source (only the bytes of its own blocks), cast to the target dtype; Orbax then writes each
+    shard from the process that holds its first replica, and the primary process writes the
+    metadata. Device memory holds this process's share of every param until the write ends.
+    """
+    import orbax.checkpoint as ocp
+
+    shardings = param_shardings(plan.cfg, mesh, rules)
+    local = {path: _local_blocks(p.shape, wm.tree_get(shardings, path)) for path, p in plan.params.items()}
+    share = sum(_source_bytes(p) * math.prod(b - a for a, b in bounds) // p.size
+                for path, p in plan.params.items() for bounds in local[path])
+    bar = Progress(len(plan.params), share, progress and jax.process_index() == 0, desc="convert (sharded)")
+    read = 0
+
+    def on_read(nbytes: int) -> None:
+        nonlocal read
+        read += nbytes
+
+    tree: dict = {}
+    try:
+        for path, p in plan.params.items():
+            before = read
+            wm.tree_set(tree, path, _global_array(p, wm.tree_get(shardings, path), local[path], on_read))
+            bar.update(read - before)
+    finally:
+        bar.close()
+    args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        ckptr.save(directory, args=ocp.args.PyTreeSave(tree, save_args=args))
+    return ShardedWrite(read, share, plan.total_bytes, sum(len(b) for b in local.values()))
+
+
 def read_our_config(ckpt_dir: str | os.PathLike) -> NVLMConfig:
     """The `NVLMConfig` stored in one of our checkpoint folders."""
     path = Path(ckpt_dir) / OUR_CONFIG_FILE
@@ -789,7 +1012,9 @@ def load_our_params(
     rules: LogicalRules = DEFAULT_RULES,
 ):
     """Restores the params of one of our checkpoints, cast to `cfg.param_dtype` and placed on
-    `mesh` (or the first device). Each device reads only its shards."""
+    `mesh` (or the first device). Each device reads only its shards. `mesh` need not be the one
+    the checkpoint was written with (or any): Orbax reads each target block from the stored
+    chunks."""
     import orbax.checkpoint as ocp
 
     shapes = _shapes(cfg)
@@ -812,8 +1037,7 @@ class _Staging:
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool):
         self.out = Path(out_dir).absolute()
-        if self.out.exists() and not overwrite:
-            raise ValueError(f"{self.out} already exists (pass overwrite=True / --overwrite to replace it)")
+        _check_out_dir(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
 
@@ -824,13 +1048,23 @@ class _Staging:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        _replace_dir(self.tmp, self.out)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Renames the finished `tmp` to `out`, moving an existing `out` aside first."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _copy_tokenizer(folders: Sequence[Path], out: Path) -> list[str]:
@@ -853,7 +1087,51 @@ def _write_our_config(out: Path, cfg: NVLMConfig, source: dict[str, Any]) -> Non
     (out / OUR_CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_plan(plan: ConversionPlan, out_dir, overwrite: bool, source: dict[str, Any]) -> Path:
+def _sync(name: str) -> None:
+    """A barrier across every process (a no-op cost with one)."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"nvlm_jax.convert:{name}")
+
+
+def _write_plan_sharded(plan: ConversionPlan, out_dir, overwrite: bool, source: dict[str, Any],
+                        mesh: jax.sharding.Mesh, rules: LogicalRules) -> tuple[Path, ShardedWrite]:
+    """`_write_plan` on a mesh, run by every process of the job.
+
+    Every process checks the mesh and the destination first (so a bad one fails everywhere
+    before anything is written). Process 0 owns the staging folder (a fixed name beside
+    `out_dir`, so every process finds it on the shared file system), the config and tokenizer
+    files and the final rename; barriers keep the others from writing before it exists and
+    from returning before `out_dir` is complete.
+    """
+    out = Path(out_dir).absolute()
+    nvlm_model.check_mesh(plan.cfg, mesh, rules)
+    _check_out_dir(out, overwrite)
+    primary = jax.process_index() == 0
+    tmp = out.parent / f".{out.name}.tmp-sharded"
+    if primary:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died
+        tmp.mkdir()
+    _sync("staging")
+    try:
+        stats = save_sharded(tmp / PARAMS_DIR, plan, mesh, rules, plan.progress is not None and plan.progress.enabled)
+        if primary:
+            _write_our_config(tmp, plan.cfg, source)
+            _copy_tokenizer(plan.folders, tmp)
+            _replace_dir(tmp, out)
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _sync("done")
+    return out, stats
+
+
+def _write_plan(plan: ConversionPlan, out_dir, overwrite: bool, source: dict[str, Any],
+                mesh: jax.sharding.Mesh | None = None, rules: LogicalRules = DEFAULT_RULES) -> Path:
+    if mesh is not None:
+        return _write_plan_sharded(plan, out_dir, overwrite, source, mesh, rules)[0]
     with _Staging(out_dir, overwrite) as tmp:
         try:
             save_streamed(tmp / PARAMS_DIR, plan.tree())
@@ -873,6 +1151,8 @@ def convert(
     drop_dummy_heads: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
 ) -> Path:
     """Converts an NVLM-D Hugging Face folder into our Orbax checkpoint folder `out_dir`.
 
@@ -884,14 +1164,49 @@ def convert(
         release's padded head layout.
       overwrite: replace an existing `out_dir`.
       progress: draw a tqdm bar (bytes and tensors).
+      mesh: None: stream the params through host memory one slab at a time (one process).
+        A mesh: `convert_sharded`, called by every process of the job.
+      rules: logical-axis rules of the sharded layout.
 
     Returns:
       `out_dir` as an absolute Path. Raises ValueError listing every problem of the source.
     """
+    if mesh is not None:
+        return convert_sharded(hf_dir, out_dir, mesh, dtype=dtype, drop_dummy_heads=drop_dummy_heads,
+                               overwrite=overwrite, progress=progress, rules=rules)[0]
     plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress)
-    source = {"hf_dir": str(Path(hf_dir).absolute()), "layout": "nvlm", "dtype": jnp.dtype(dtype).name,
-              "drop_dummy_heads": drop_dummy_heads}
-    return _write_plan(plan, out_dir, overwrite, source)
+    return _write_plan(plan, out_dir, overwrite, _convert_source(hf_dir, dtype, drop_dummy_heads))
+
+
+def _convert_source(hf_dir, dtype: str, drop_dummy_heads: bool, **extra) -> dict[str, Any]:
+    return {"hf_dir": str(Path(hf_dir).absolute()), "layout": "nvlm", "dtype": jnp.dtype(dtype).name,
+            "drop_dummy_heads": drop_dummy_heads, **extra}
+
+
+def convert_sharded(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mesh: jax.sharding.Mesh,
+    *,
+    dtype: str = "bfloat16",
+    drop_dummy_heads: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> tuple[Path, ShardedWrite]:
+    """`convert` straight into the sharded layout of `mesh`; every process of the job calls it.
+
+    Each process validates the source and the mesh (so all of them raise the same error before
+    anything is written), reads only the blocks of each tensor its own devices hold and writes
+    its own shards of one Orbax checkpoint; process 0 writes the metadata, config and tokenizer
+    files and renames the staging folder into place. `out_dir` must be on a file system every
+    process sees. The result restores onto any mesh (`load_our_params`).
+
+    Returns `(out_dir, what this process read)`.
+    """
+    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress)
+    source = _convert_source(hf_dir, dtype, drop_dummy_heads, mesh=dict(mesh.shape), processes=jax.process_count())
+    return _write_plan_sharded(plan, out_dir, overwrite, source, mesh, rules)
 
 
 def load_hf_params(
@@ -1177,13 +1492,16 @@ def assemble(
     image_context_token_id: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
 ) -> Path:
     """Builds a fresh NVLM checkpoint from a standalone InternViT (OpenGVLab safetensors layout:
     `embeddings.*`, `encoder.layers.*`) and a standalone Qwen2/Llama causal LM (HF layout); every
     other param (the projector) is freshly initialised from `seed`. Tokenizer files come from
     the LLM folder, whose `<|vision_pad|>` becomes the image context token unless
     `image_context_token_id` is given. `vit_dummy_heads` pads the ViT with zero heads (7 turns
-    25 heads into the release's 32)."""
+    25 heads into the release's 32). `mesh`: write the sharded layout of that mesh, as in
+    `convert_sharded` (every process calls this)."""
     vit_folder, llm_folder = Path(vit_dir), Path(llm_dir)
     vit_hf, vit_ckpt, problems = _standalone(vit_folder, "internvit")
     llm_hf, llm_ckpt, llm_problems = _standalone(llm_folder, "llm")
@@ -1210,7 +1528,7 @@ def assemble(
     plan = _finish_plan(sources, target, problems, [llm_folder], progress, f"{vit_folder} + {llm_folder}", extra)
     source = {"vit_dir": str(vit_folder.absolute()), "llm_dir": str(llm_folder.absolute()), "arch": arch,
               "dtype": jnp.dtype(dtype).name, "fresh": fresh_names, "seed": seed}
-    return _write_plan(plan, out_dir, overwrite, source)
+    return _write_plan(plan, out_dir, overwrite, source, mesh, rules)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
@@ -1238,6 +1556,24 @@ def define_flags() -> None:
     flags.DEFINE_string("max_shard_size", "5GB", "Export: largest shard, e.g. 5GB or 500MB.")
     flags.DEFINE_bool("overwrite", False, "Replace --out_dir if it exists.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_string("mesh", None, "Import/assembly: write straight into the sharded layout of a "
+                        "data,fsdp,tensor mesh over every device of every process (e.g. 1,2,4; one size may be "
+                        "-1); each process reads and writes only its own shards. Run the same command in every "
+                        "process, with the distributed flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+                        "JAX_PROCESS_ID.")
+    distributed.define_flags()
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'1,2,4' → (data, fsdp, tensor) = (1, 2, 4); one size may be -1 (the remaining devices)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or any(n == 0 or n < -1 for n in sizes):
+        raise ValueError(f"--mesh must be three sizes data,fsdp,tensor (positive, or one -1), got {text!r}")
+    return sizes
 
 
 def parse_size(text: str) -> int:
@@ -1255,7 +1591,25 @@ def main(argv: Sequence[str]) -> None:
     modes = [bool(FLAGS.hf_dir), bool(FLAGS.export_from), bool(FLAGS.vit_dir or FLAGS.llm_dir)]
     if sum(modes) != 1 or not FLAGS.out_dir:
         raise app.UsageError("give --out_dir and exactly one of: --hf_dir, --export_from, --vit_dir + --llm_dir")
-    if FLAGS.hf_dir:
+    if FLAGS.mesh and FLAGS.export_from:
+        raise app.UsageError("--mesh applies to --hf_dir and --vit_dir/--llm_dir, not to --export_from")
+    try:
+        sizes = parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    # Before anything touches a JAX backend.
+    if distributed.initialize(distributed.from_flags()) and sizes is None:
+        raise app.UsageError("a multi-process run needs --mesh: without it every process would write the "
+                             "whole checkpoint")
+    mesh = make_mesh(*sizes) if sizes is not None else None
+    if FLAGS.hf_dir and mesh is not None:
+        out, stats = convert_sharded(FLAGS.hf_dir, FLAGS.out_dir, mesh, dtype=FLAGS.dtype,
+                                     drop_dummy_heads=FLAGS.drop_dummy_heads, overwrite=FLAGS.overwrite,
+                                     progress=FLAGS.progress)
+        print(f"process {jax.process_index()} of {jax.process_count()}: read {stats.bytes_read} source bytes "
+              f"(its share {stats.share_bytes}, whole checkpoint {stats.total_bytes}) in {stats.blocks} blocks; "
+              f"peak RSS {_peak_rss_bytes()} bytes", flush=True)
+    elif FLAGS.hf_dir:
         out = convert(FLAGS.hf_dir, FLAGS.out_dir, dtype=FLAGS.dtype, drop_dummy_heads=FLAGS.drop_dummy_heads,
                       overwrite=FLAGS.overwrite, progress=FLAGS.progress)
     elif FLAGS.export_from:
@@ -1269,8 +1623,20 @@ def main(argv: Sequence[str]) -> None:
         out = assemble(FLAGS.vit_dir, FLAGS.llm_dir, FLAGS.out_dir, arch=FLAGS.arch, dtype=FLAGS.dtype,
                        seed=FLAGS.seed, vit_dummy_heads=FLAGS.vit_dummy_heads or 0,
                        image_context_token_id=FLAGS.image_context_token_id, overwrite=FLAGS.overwrite,
-                       progress=FLAGS.progress)
+                       progress=FLAGS.progress, mesh=mesh)
     print(f"wrote {out}")
+
+
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Linux `VmHWM`), or None where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

@@ -201,18 +201,31 @@ class SafetensorsFile:
     def read_range(self, key: str, start: int, out: memoryview | np.ndarray) -> None:
         """Fills `out` with bytes `start : start + len(out)` of tensor `key`'s data (`pread`, no
         mapping: the bytes count against host memory only while the caller holds `out`)."""
+        self.read_runs(key, [start], len(memoryview(out).cast("B")), out)
+
+    def read_runs(self, key: str, starts, run_bytes: int, out: memoryview | np.ndarray) -> None:
+        """Fills `out` with the byte runs `[s, s + run_bytes)` of tensor `key`'s data, one run
+        after another, for each `s` in `starts` (one `pread` per run, one open file): a strided
+        slice of a tensor is read without touching the bytes between its runs."""
         info = self.info(key)
         view = memoryview(out).cast("B")
-        if start < 0 or start + len(view) > info.nbytes:
-            raise ValueError(f"{self.path}: bytes {start}..{start + len(view)} outside tensor {key!r} ({info.nbytes})")
+        starts = np.asarray(starts, np.int64).reshape(-1)
+        if len(view) != len(starts) * run_bytes:
+            raise ValueError(f"{self.path}: tensor {key!r}: {len(starts)} runs of {run_bytes} bytes do not fill "
+                             f"a {len(view)}-byte buffer")
+        if len(starts) and (starts.min() < 0 or starts.max() + run_bytes > info.nbytes):
+            lo, hi = int(starts.min()), int(starts.max()) + run_bytes
+            raise ValueError(f"{self.path}: bytes {lo}..{hi} outside tensor {key!r} ({info.nbytes})")
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], info.begin + start + done)
-                if n <= 0:
-                    raise ValueError(f"{self.path}: tensor {key!r} truncated at byte {start + done}")
-                done += n
+            for i, start in enumerate(starts.tolist()):
+                run = view[i * run_bytes : (i + 1) * run_bytes]
+                done = 0
+                while done < run_bytes:
+                    n = os.preadv(fd, [run[done:]], info.begin + start + done)
+                    if n <= 0:
+                        raise ValueError(f"{self.path}: tensor {key!r} truncated at byte {start + done}")
+                    done += n
         finally:
             os.close(fd)
 
