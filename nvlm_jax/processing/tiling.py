@@ -433,14 +433,34 @@ def load_image(
     ).pixels
 
 
+def _work_estimate(source: ImageSource) -> int:
+    """A cheap size proxy for scheduling: encoded bytes for files and buffers, pixels for PIL."""
+    if isinstance(source, Image.Image):
+        return source.width * source.height
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return os.path.getsize(source)
+        except OSError:
+            return 0  # tile_image reports the problem
+    return 0
+
+
 def tile_images(sources: Sequence[ImageSource], num_threads: int | None = None, **kwargs) -> list[TiledImage]:
     """`tile_image` over many images on a thread pool, results in input order.
 
     Pillow's decode and resize and the NumPy normalisation release the GIL, so threads scale
-    with cores (default: all of them). kwargs are `tile_image`'s.
+    with cores (default: all of them). Largest images start first: one big scan started last
+    would otherwise leave the other threads idle at the end. kwargs are `tile_image`'s.
     """
     num_threads = num_threads or os.cpu_count() or 1
     if num_threads == 1 or len(sources) < 2:
         return [tile_image(s, **kwargs) for s in sources]
+    order = sorted(range(len(sources)), key=lambda i: -_work_estimate(sources[i]))
+    results: list[TiledImage | None] = [None] * len(sources)
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        return list(pool.map(lambda s: tile_image(s, **kwargs), sources))
+        futures = {pool.submit(tile_image, sources[i], **kwargs): i for i in order}
+        for future, i in futures.items():
+            results[i] = future.result()
+    return results  # type: ignore[return-value]

@@ -409,3 +409,24 @@ def test_tile_images_on_threads_equals_one_by_one(tmp_path):
         want = tile_image(path, max_num=4)
         assert got.grid == want.grid
         np.testing.assert_array_equal(got.pixels, want.pixels)
+
+
+def test_tile_images_mixed_sources_keep_input_order_and_errors_name_the_file(tmp_path):
+    """Largest-first scheduling must not reorder results; a bad file still raises its error."""
+    from nvlm_jax.processing.tiling import ImageLoadError, tile_image, tile_images
+
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(small)
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 1000, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(np.full((300, 600, 3), 200, np.uint8)).save(buf, format="PNG")
+    sources = [small, big, buf.getvalue()]
+    got = tile_images(sources, num_threads=3, max_num=4)
+    for source, result in zip(sources, got, strict=True):
+        want = tile_image(source, max_num=4)
+        assert result.grid == want.grid
+        np.testing.assert_array_equal(result.pixels, want.pixels)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty.png"):
+        tile_images([small, big, empty], num_threads=2)
