@@ -7,7 +7,9 @@ Stages:
   - ``"full"``: everything, the ViT included. Not a paper stage: it is for from-scratch runs
     (e.g. the tiny CPU main job), where a frozen *random* ViT would be a poor encoder.
 
-The ViT is frozen in both paper stages. The decision is made on the top-level keys of the param
+The ViT is frozen in both paper stages. NVLM-X's projector (one linear layer) is not in the paper's
+trainable list for either stage, so it stays at its initial values as the tables say; a run that
+wants it trained uses stage ``"full"`` or its own mask. The decision is made on the top-level keys of the param
 tree (``"vision"``, ``"projector"``, ``"llm"``, ``"xattn"``); an unknown top-level key is an error
 rather than a silent guess.
 
