@@ -7,19 +7,38 @@
 
 Writes `metrics.jsonl`, `tensorboard/` event files and `checkpoints/` into the workdir. The
 logic lives in `nvlm_jax.train.launch`; this file only parses flags.
+
+Multi-host: start the same command once per process, with the same config and a workdir all
+processes see (shared filesystem or bucket), and say how the processes find each other, by
+flags or by environment variables, e.g. two processes on one machine (CPU: 4 devices each):
+
+    export XLA_FLAGS=--xla_force_host_platform_device_count=4
+    python experiments/train.py ... --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0 &
+    python experiments/train.py ... --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=1
+
+    JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python experiments/train.py ...
+
+On Cloud TPU VMs and under SLURM or Open MPI, `--distributed=auto` lets JAX find the processes
+itself. Each process reads its share of the global batch (`--config.data.num_shards`: see
+`nvlm_jax.train.multihost`), all of them save and restore the checkpoints, and only process 0
+writes metrics and the console output.
 """
 
 import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nvlm_jax import distributed  # noqa: E402
 from nvlm_jax.train import launch  # noqa: E402
+
+distributed.define_flags()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (experiments/configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and TensorBoard events.")
@@ -33,10 +52,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     logging.getLogger("nvlm_jax").setLevel(logging.INFO)
+    distributed.initialize(distributed.from_flags())  # before anything touches a JAX backend
     result = launch.train(_CONFIG.value, _WORKDIR.value, console=not _QUIET.value)
-    summary = {k: round(v, 4) for k, v in {**result.last_train, **result.last_eval}.items()
-               if k in ("loss", "accuracy", "exact_match", "step_time_s", "mfu")}
-    print(f"finished step {int(result.state.step)}: {summary}")
+    if jax.process_index() == 0:  # every process has the same result
+        summary = {k: round(v, 4) for k, v in {**result.last_train, **result.last_eval}.items()
+                   if k in ("loss", "accuracy", "exact_match", "step_time_s", "mfu")}
+        print(f"finished step {int(result.state.step)}: {summary}")
 
 
 if __name__ == "__main__":

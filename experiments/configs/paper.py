@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.num_workers = 8
     c.data.read_threads = 2
     c.data.seed = 0
+    c.data.num_shards = 0  # 0: one data shard per process (see nvlm_jax.train.multihost)
 
     c.eval = ConfigDict(dict(every=0, tasks=(), samples_per_task=0, batch_size=8))
 

@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.num_workers = 1  # one grain worker process prepares batches while the step runs
     c.data.read_threads = 0
     c.data.seed = 0
+    # Record-wise data shards making up the global batch; 0 = one per process. Fix it (e.g. 2)
+    # to get the same batches on any process count dividing it (and to resume on one).
+    c.data.num_shards = 0
 
     c.eval = ConfigDict(dict(every=250, tasks=(), samples_per_task=100, batch_size=48))
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import numpy as np
 from absl import flags, logging
 
 from nvlm_jax.config import NVLMConfig
@@ -327,6 +328,58 @@ class DataIterator:
         self._iterator.close()
 
     def __enter__(self) -> DataIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ShardedIterator:
+    """Several data shards of one process as one iterator: each batch is the shards' batches
+    concatenated row-wise in shard order (`[sum of rows, ...]`), the state is `{shard index:
+    DataIterator state}`. A run that fixes its shard count reads the same global batches on
+    any number of processes dividing it (see `nvlm_jax.train.multihost`).
+
+    Attributes: num_shards (shards of the whole run), shard_indices (this iterator's, ascending).
+    """
+
+    def __init__(self, iterators: Mapping[int, DataIterator], num_shards: int):
+        if not iterators:
+            raise ValueError("ShardedIterator needs at least one shard iterator")
+        bad = [i for i in iterators if not 0 <= i < num_shards]
+        if bad:
+            raise ValueError(f"shard indices {bad} are not in [0, {num_shards})")
+        self.num_shards = num_shards
+        self.shard_indices = tuple(sorted(iterators))
+        self._iterators = {i: iterators[i] for i in self.shard_indices}
+
+    def __iter__(self) -> ShardedIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batches = [next(it) for it in self._iterators.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> dict[int, Any]:
+        return {i: it.get_state() for i, it in self._iterators.items()}
+
+    def set_state(self, state: Mapping[int, Any]) -> None:
+        missing = sorted(set(self.shard_indices) - set(state))
+        if missing:
+            raise ValueError(f"no iterator state for data shard(s) {missing}")
+        for i, it in self._iterators.items():
+            it.set_state(state[i])
+
+    def describe(self) -> str:
+        return "\n".join(f"shard {i}:\n{it.describe()}" for i, it in self._iterators.items())
+
+    def close(self) -> None:
+        for it in self._iterators.values():
+            it.close()
+
+    def __enter__(self) -> ShardedIterator:
         return self
 
     def __exit__(self, *exc: object) -> None:

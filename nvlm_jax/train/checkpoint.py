@@ -3,9 +3,12 @@ initialise a run from a converted checkpoint.
 
 A training checkpoint `<workdir>/checkpoints/<step>/` holds three items:
   - ``state``: the `TrainState` (params, optimizer state, counters), saved sharded;
-  - ``data``: the data iterator's state (JSON; Grain dict states as they are, byte states
-    base64-encoded), captured when `save` is called, so a resumed run sees exactly the
-    batches the interrupted one would have seen next;
+  - ``data``: the data iterators' states, one JSON file per data shard
+    (``shard_<i>-of-<n>.json``; Grain dict states as they are, byte states base64-encoded),
+    captured when `save` is called, so a resumed run sees exactly the batches the interrupted
+    one would have seen next. In a multi-process run each process writes the files of the
+    shards it reads (by default one shard per process) and reads back its own on restore; a
+    run restores them when its shard count is the saved one (see `nvlm_jax.train.multihost`);
   - ``config``: the run's config (JSON) for inspection and for `nvlm_jax` tools.
 
 Saves are asynchronous (the step loop continues while arrays are written) and atomic: Orbax
@@ -13,6 +16,10 @@ writes into a temporary folder and renames it to `<step>` only when every item i
 a process killed mid-save leaves at most a temporary folder, which the next run deletes; the
 latest *complete* step is what `latest_step` and `restore` see. Retention keeps the last
 `keep` steps plus the `keep_best` best by a metric (e.g. held-out exact match).
+
+Multi-process runs: every process calls `save` and `restore` (Orbax coordinates them: each
+process writes the array shards it holds, process 0 the metadata and the commit), and the
+checkpoint folder must be one path that all processes see (a shared filesystem or a bucket).
 
 Restoring takes a target tree of `jax.ShapeDtypeStruct`s with shardings, so a checkpoint saved
 on one mesh restores onto any other mesh shape (each device reads only its shards).
@@ -24,6 +31,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from nvlm_jax.train.step import TrainState
+
+DATA_SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +104,95 @@ def _json_default(x):
     raise TypeError(f"{type(x).__name__} is not JSON-serializable")
 
 
+@dataclasses.dataclass(frozen=True)
+class DataShards:
+    """Data iterator states by shard: the run reads its data as `count` shards and `states` maps
+    the indices of the shards this process reads to their iterator states."""
+
+    count: int
+    states: Mapping[int, Any]
+
+    def __post_init__(self):
+        bad = [i for i in self.states if not 0 <= i < self.count]
+        if self.count < 1 or bad:
+            raise ValueError(f"data shard indices {bad} are not in [0, {self.count})")
+
+
+def _shard_file(index: int, count: int) -> str:
+    return f"shard_{index}-of-{count}.json"
+
+
+class DataShardsHandler(ocp.CheckpointHandler):
+    """Orbax handler of the ``data`` item: every process writes one JSON file per data shard it
+    reads and reads back the files of its shards (Orbax's JSON handler writes from process 0
+    only, which would drop the other processes' iterator states)."""
+
+    def save(self, directory, args: DataShardsSave) -> None:
+        for index, blob in args.states.items():
+            (directory / _shard_file(index, args.count)).write_text(json.dumps(blob))
+
+    def restore(self, directory, args: DataShardsRestore) -> DataShards:
+        saved: dict[int, set[int]] = {}  # shard count -> indices found
+        for path in directory.iterdir():
+            match = DATA_SHARD_FILE.fullmatch(path.name)
+            if match:
+                saved.setdefault(int(match[2]), set()).add(int(match[1]))
+        if not saved:
+            return DataShards(args.count, {})  # saved from an iterator without a state
+        if set(saved) != {args.count}:
+            raise ValueError(
+                f"{directory}: the data iterator states were saved by a run reading {sorted(saved)} data shard(s) "
+                f"but this run reads {args.count}. The data shards are one per process unless data.num_shards "
+                f"is set: resume with the saved process count, or with data.num_shards={max(saved)} and a process "
+                "count that divides it")
+        missing = sorted(set(args.indices) - saved[args.count])
+        if missing:
+            raise ValueError(f"{directory}: no iterator state for data shard(s) {missing} of {args.count}")
+        return DataShards(args.count, {i: decode_iterator_state(json.loads(
+            (directory / _shard_file(i, args.count)).read_text())) for i in args.indices})
+
+    def metadata(self, directory) -> None:
+        del directory
+        return None
+
+    def finalize(self, directory) -> None:
+        del directory
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataShardsSave(ocp.args.CheckpointArgs):
+    """count: data shards of the run; states: `{shard index: encode_iterator_state(...)}` of this
+    process's shards."""
+
+    count: int
+    states: Mapping[int, Any]
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataShardsRestore(ocp.args.CheckpointArgs):
+    """count: data shards of the restoring run; indices: the shards this process reads."""
+
+    count: int
+    indices: tuple[int, ...]
+
+
+def this_process_shard(state: Any) -> DataShards:
+    """A single iterator state as the states of a one-shard-per-process run."""
+    return DataShards(jax.process_count(), {jax.process_index(): state})
+
+
 @dataclasses.dataclass
 class Restored:
     """What `TrainCheckpoints.restore` returns."""
 
     step: int
     state: TrainState
-    data_state: Any
+    data_state: Any  # see `TrainCheckpoints.restore`
     run_config: dict[str, Any]
 
 
@@ -147,8 +239,11 @@ class TrainCheckpoints:
     ) -> bool:
         """Starts saving `state` + `data_state` + `run_config` as checkpoint `step`.
 
-        `metrics` (if it holds `best_metric`) ranks the checkpoint for keep-best. Returns False
-        when `step` is already saved. Call `wait()` before reading the checkpoint back.
+        `data_state` is a `DataShards` (the states of the data shards this process reads), a
+        single iterator state (this process's shard of a one-shard-per-process run) or None (no
+        iterator state). `metrics` (if it holds `best_metric`) ranks the checkpoint for
+        keep-best. Returns False when `step` is already saved. Call `wait()` before reading the
+        checkpoint back. Every process of a multi-process run must call it.
         """
         if step in self._manager.all_steps():
             return False
@@ -157,27 +252,38 @@ class TrainCheckpoints:
             best = {self.cfg.best_metric: float(metrics[self.cfg.best_metric])}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(encode_iterator_state(data_state)),
+            data=_data_save_args(data_state),
             config=ocp.args.JsonSave(json.loads(json.dumps(dict(run_config), default=_json_default))),
         )
         return bool(self._manager.save(step, args=args, metrics=best, force=True))
 
-    def restore(self, target: TrainState, step: int | None = None) -> Restored:
+    def restore(self, target: TrainState, step: int | None = None,
+                data_shards: tuple[int, tuple[int, ...]] | None = None) -> Restored:
         """Restores checkpoint `step` (default: the latest) into `target`, a TrainState of
-        `jax.ShapeDtypeStruct`s whose shardings say where each array goes."""
+        `jax.ShapeDtypeStruct`s whose shardings say where each array goes.
+
+        `data_shards` = (shard count, indices of this process's shards) gives `data_state` as
+        a `DataShards`; None (one shard per process) gives this process's single iterator state
+        (None when the checkpoint holds none). A different saved shard count is a ValueError.
+        Every process of a multi-process run must call it.
+        """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        count, indices = data_shards or (jax.process_count(), (jax.process_index(),))
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
-            data=ocp.args.JsonRestore(),
+            data=DataShardsRestore(count, tuple(indices)),
             config=ocp.args.JsonRestore(),
         )
         try:
             out = self._manager.restore(step, args=args)
         except (ValueError, KeyError) as e:
-            raise ValueError(f"{self.directory / str(step)}: cannot restore the train state for this run: {e}") from e
-        return Restored(step, out.state, decode_iterator_state(out.data), dict(out.config))
+            raise ValueError(f"{self.directory / str(step)}: cannot restore it for this run: {e}") from e
+        data: DataShards = out.data
+        if data_shards is None:
+            return Restored(step, out.state, data.states.get(jax.process_index()), dict(out.config))
+        return Restored(step, out.state, data if data.states else None, dict(out.config))
 
     def wait(self) -> None:
         """Blocks until pending saves are complete on disk."""
@@ -186,6 +292,14 @@ class TrainCheckpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _data_save_args(data_state: Any) -> DataShardsSave:
+    if data_state is None:
+        return DataShardsSave(jax.process_count(), {})
+    shards = data_state if isinstance(data_state, DataShards) else this_process_shard(data_state)
+    # Encoded now: the iterators move on while the save completes in the background.
+    return DataShardsSave(shards.count, {i: encode_iterator_state(s) for i, s in shards.states.items()})
 
 
 # ---- initialising params from another checkpoint -------------------------------------------------

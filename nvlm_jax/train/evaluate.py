@@ -11,6 +11,10 @@ Evaluation rows hold one sample each (unpacked): the prompt, then the reference 
 tokens are the `loss_mask` targets. The first `loss_mask` position is where decoding starts.
 Exact match: the decoded text before the first stop token (`<|im_end|>`) equals the reference
 answer's text (both stripped), and a stop token was produced.
+
+Multiple processes: every process holds the same held-out batches and evaluates all of them
+(the model is sharded over every process's devices, so all must take part anyway), then reads
+back the whole result; all processes get the same metrics.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models import nvlm
+from nvlm_jax.train import multihost
 from nvlm_jax.train.step import token_stats
 
 Batch = Mapping[str, np.ndarray]
@@ -138,8 +143,10 @@ def predict(
     if not has.any():
         return []
     max_new = int(max_new_tokens or lengths.max())
-    tokens = np.asarray(greedy_fill(params, decoding_batch(batch, starts, max_new), starts, cfg=cfg,
-                                    max_new_tokens=max_new))
+    # With several processes the params span all of them and the decoded rows come back sharded
+    # over the batch: to_host gathers them, so every process scores every row identically.
+    tokens = multihost.to_host(multihost.synced_call(greedy_fill, params, decoding_batch(batch, starts, max_new),
+                                                     starts, cfg=cfg, max_new_tokens=max_new))
     targets = np.asarray(batch["targets"])
     out = []
     for r in np.flatnonzero(has):
@@ -180,7 +187,7 @@ class ExactMatchEvaluator:
             preds = []
             for batch in batches:
                 preds += predict(params, self.cfg, batch, self.decode, self.stop_ids)
-                stats = jax.device_get(_heldout_stats(params, batch, cfg=self.cfg))
+                stats = multihost.to_host(multihost.synced_call(_heldout_stats, params, batch, cfg=self.cfg))
                 loss_sum += float(stats.loss_sum)
                 count += float(stats.count)
             self.last_predictions[task] = preds

@@ -11,7 +11,8 @@ Run config fields (all configs define all of them):
     config_json (the model config when `checkpoint` is a bare params folder), allow_missing,
   data: kind ("synthetic", "pretrain_blend", "sft_blend"), root (blends), tasks ({task:
     weight}, synthetic), train_size, eval_size, batch_size (global), seq_len, tiles_per_row,
-    packing, num_workers, read_threads, seed,
+    packing, num_workers (per data shard), read_threads, seed, num_shards (record-wise shards
+    of the global batch, 0 = one per process; see `nvlm_jax.train.multihost`),
   eval: every (0 = only at the end), tasks (default: the data tasks), samples_per_task
     (0 = no evaluation), batch_size,
   optim: lr_max, lr_min, warmup_steps, total_steps (0 = num_steps), b1, b2, eps,
@@ -39,6 +40,7 @@ from nvlm_jax.sharding import DEFAULT_RULES, tree_shardings
 from nvlm_jax.train import checkpoint as ckpt_lib
 from nvlm_jax.train import evaluate as eval_lib
 from nvlm_jax.train import loop as loop_lib
+from nvlm_jax.train import multihost
 from nvlm_jax.train.optim import OptimConfig
 from nvlm_jax.train.step import param_shapes
 
@@ -172,14 +174,26 @@ def data_config(c, *, packing: bool | None = None, only: str | None = None, eval
 
 
 def train_iterator(c, cfg: NVLMConfig, tokenizer):
-    """The training `DataIterator` (this process's shard of the global batch)."""
-    from nvlm_jax.data.pipeline import make_pipeline
+    """The training iterator of this process: a `ShardedIterator` over the data shards it reads
+    (`multihost.process_shards`), yielding its `batch_size * shards read / num_shards` rows of
+    each global batch."""
+    from nvlm_jax.data.pipeline import ShardedIterator, make_pipeline
 
     d = c.data
-    return make_pipeline(
-        data_config(c), cfg, tokenizer, split="train", seed=d.seed, batch_size=d.batch_size, seq_len=d.seq_len,
-        tiles_per_row=d.tiles_per_row, shard_index=jax.process_index(), shard_count=jax.process_count(),
-    )
+    num_shards = d.get("num_shards", 0) or jax.process_count()
+    data_cfg = data_config(c)
+    iterators = {}
+    try:
+        for index in multihost.process_shards(num_shards):
+            iterators[index] = make_pipeline(
+                data_cfg, cfg, tokenizer, split="train", seed=d.seed, batch_size=d.batch_size, seq_len=d.seq_len,
+                tiles_per_row=d.tiles_per_row, shard_index=index, shard_count=num_shards,
+            )
+    except BaseException:
+        for it in iterators.values():
+            it.close()  # stops the worker processes of the shards already built
+        raise
+    return ShardedIterator(iterators, num_shards)
 
 
 def eval_batches(c, cfg: NVLMConfig, tokenizer) -> dict[str, list[dict]]:

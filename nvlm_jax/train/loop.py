@@ -6,6 +6,11 @@ state, counters) and the data iterator state are restored from the latest one an
 continues from its step; the run's loss curve then continues exactly as if never interrupted
 (same batches, same compiled step, same numbers).
 
+Multiple processes (hosts): every process runs this loop on its own rows of each global batch
+(`train_iter` yields them) and takes the same decisions from the same replicated metrics;
+only process 0 writes metrics, TensorBoard events and the progress bar. See
+`nvlm_jax.train.multihost` for the row layout and the data shards.
+
 Host/device overlap: each step is dispatched, then the next batch is fetched and placed while
 the device computes, then the step's metrics are read back (one small transfer per step, which
 also lets the loop stop right after the K-th consecutive non-finite step).
@@ -31,9 +36,10 @@ from nvlm_jax.data.batch import validate_batch
 from nvlm_jax.models import nvlm
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from nvlm_jax.train import flops as flops_lib
-from nvlm_jax.train.checkpoint import CheckpointConfig, TrainCheckpoints
+from nvlm_jax.train import multihost
+from nvlm_jax.train.checkpoint import CheckpointConfig, DataShards, TrainCheckpoints
 from nvlm_jax.train.freeze import count_params, partition, trainable_mask, trained_subtrees
-from nvlm_jax.train.metrics import MetricsLogger, batch_token_counts, measure_peak_flops, mfu
+from nvlm_jax.train.metrics import MetricsLogger, NullLogger, batch_token_counts, measure_peak_flops, mfu
 from nvlm_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
 from nvlm_jax.train.step import (
     TrainState,
@@ -52,13 +58,29 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class CheckpointableIterator(Protocol):
-    """A data iterator the loop can checkpoint (Grain iterators are)."""
+    """A data iterator the loop can checkpoint (Grain iterators are). An iterator reading
+    several data shards (`pipeline.ShardedIterator`) also has `num_shards` and
+    `shard_indices`, and its state is `{shard index: state}`; any other iterator is this
+    process's one shard of a one-shard-per-process run."""
 
     def __next__(self) -> Mapping[str, np.ndarray]: ...
 
     def get_state(self) -> Any: ...
 
     def set_state(self, state: Any) -> None: ...
+
+
+def data_shard_layout(train_iter) -> tuple[int, tuple[int, ...]] | None:
+    """(shard count, this process's shard indices) of a multi-shard iterator, else None."""
+    if not hasattr(train_iter, "num_shards"):
+        return None
+    return int(train_iter.num_shards), tuple(train_iter.shard_indices)
+
+
+def _data_state(train_iter, layout) -> Any:
+    """What `TrainCheckpoints.save` takes as the data state of `train_iter` right now."""
+    state = train_iter.get_state()
+    return DataShards(layout[0], state) if layout else state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +176,9 @@ def train(
     mask = trainable_mask(shapes, model_cfg.arch, loop_cfg.stage)
     trainable_shapes, _ = partition(shapes, mask)
     state_shardings, state_shapes = train_state_shardings(model_cfg, optimizer, mask, mesh, rules)
+    # The processes drift apart while they build their data pipelines and evaluators; Orbax's
+    # first barrier below is a device collective that would give up after 30 s on CPU.
+    multihost.barrier("train start")
     ckpts = TrainCheckpoints(workdir / CHECKPOINT_DIR, ckpt_cfg)
     run_config = dict(run_config or {}, model=model_cfg.to_dict())
     logger = None
@@ -161,12 +186,13 @@ def train(
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             resumed_from = ckpts.latest_step()
             if resumed_from is not None:
-                restored = ckpts.restore(state_shapes)
+                layout = data_shard_layout(train_iter)
+                restored = ckpts.restore(state_shapes, data_shards=layout)
                 state = restored.state
                 if restored.data_state is not None:
                     if not hasattr(train_iter, "set_state"):
                         raise ValueError("the checkpoint holds a data iterator state but train_iter has no set_state")
-                    train_iter.set_state(restored.data_state)
+                    train_iter.set_state(restored.data_state.states if layout else restored.data_state)
                 log.info("resumed from %s (step %d)", ckpts.directory / str(resumed_from), resumed_from)
             else:
                 if init_params is None:
@@ -177,7 +203,10 @@ def train(
             start = int(state.step)
             log.info("params: %d total, %d trainable (stage %s)", count_params(shapes),
                      count_params(trainable_shapes), loop_cfg.stage)
-            logger = MetricsLogger(workdir, loop_cfg.num_steps, start, console=console)
+            if multihost.is_primary():
+                logger = MetricsLogger(workdir, loop_cfg.num_steps, start, console=console)
+            else:
+                logger = NullLogger()  # same metrics as process 0's: one copy of the logs
             return _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, logger, evaluate,
                         run_config, resumed_from)
     finally:
@@ -208,6 +237,16 @@ def _jitted_step(model_cfg: NVLMConfig, optim_cfg: OptimConfig, stage: str, grad
     return jit_train_step(step, shardings, batch_sharding(mesh, batch_size))
 
 
+def _global_batch(mesh: jax.sharding.Mesh, local_rows: int) -> int:
+    """The global batch size when every process feeds `local_rows` rows, checked against the
+    mesh (divisible by its batch axes, each process's devices holding that process's rows)."""
+    global_batch = local_rows * jax.process_count()
+    try:
+        return multihost.check_row_layout(batch_sharding(mesh, global_batch), local_rows)
+    except ValueError as e:
+        raise ValueError(f"{jax.process_count()} process(es) x {local_rows} rows per batch: {e}") from e
+
+
 def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, logger, evaluate, run_config,
          resumed_from) -> TrainResult:
     step = int(state.step)
@@ -215,13 +254,15 @@ def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, 
     last_eval: dict[str, float] = {}
     if step >= loop_cfg.num_steps:
         return TrainResult(state, last_train, last_eval, resumed_from)
-    peak = loop_cfg.peak_flops_per_device or measure_peak_flops()
+    # A measured peak differs a little between processes; process 0's keeps their MFU equal.
+    peak = loop_cfg.peak_flops_per_device or multihost.from_primary(measure_peak_flops())
     peak *= mesh.size
     trained = trained_subtrees(model_cfg.arch, loop_cfg.stage)
     has_state = hasattr(train_iter, "get_state")
+    layout = data_shard_layout(train_iter)
     batch = next(train_iter)
     shape = validate_batch(batch)
-    global_batch = shape[0] * jax.process_count()  # each process feeds its own rows
+    global_batch = _global_batch(mesh, shape[0])
     bshard = batch_sharding(mesh, global_batch)
     step_flops = flops_lib.batch_flops(model_cfg, global_batch, *shape[1:], trained=trained).training
     step_fn = _jitted_step(model_cfg, optim_cfg, loop_cfg.stage, loop_cfg.grad_accum_steps, mesh, global_batch, rules)
@@ -230,15 +271,15 @@ def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, 
     tick = time.perf_counter()
     while step < loop_cfg.num_steps:
         text, image = batch_token_counts(batch, model_cfg.image_context_token_id, model_cfg.num_image_tokens)
-        state, metrics = step_fn(state, device_batch(batch, bshard))
+        state, metrics = multihost.synced_call(step_fn, state, device_batch(batch, bshard))
         step += 1
         save_now = step % ckpts.cfg.every == 0 or step == loop_cfg.num_steps
-        data_state = train_iter.get_state() if save_now and has_state else None
+        data_state = _data_state(train_iter, layout) if save_now and has_state else None
         batch = next(train_iter) if step < loop_cfg.num_steps else None  # overlaps the device step
         if batch is not None and validate_batch(batch) != shape:
             raise ValueError(f"batch shapes changed from {shape} to {validate_batch(batch)}; the data "
                              "pipeline must emit static shapes")
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(v) for k, v in multihost.to_host(metrics).items()}
         now = time.perf_counter()
         if compile_s is None:
             compile_s = now - tick  # the first step of the process includes compilation
@@ -251,12 +292,14 @@ def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, 
         stop = metrics["nonfinite_run"] >= loop_cfg.max_nonfinite
         if step % loop_cfg.log_every == 0 or step == loop_cfg.num_steps or stop:
             record = dict(metrics)
+            # Every process counted its own rows' tokens; the throughput is of the global batch.
+            text_tokens, image_tokens = multihost.sum_over_processes(np.array([window["text"], window["image"]]))
             if window["steps"]:
                 secs = window["seconds"]
                 record.update(
                     step_time_s=secs / window["steps"],
-                    text_tokens_per_s=window["text"] / secs,
-                    image_tokens_per_s=window["image"] / secs,
+                    text_tokens_per_s=float(text_tokens) / secs,
+                    image_tokens_per_s=float(image_tokens) / secs,
                     tflops_per_s=step_flops * window["steps"] / secs / 1e12,
                     mfu=mfu(step_flops * window["steps"], secs, peak),
                 )

@@ -91,6 +91,20 @@ class MetricsLogger:
         self._tb.close()
 
 
+class NullLogger:
+    """`MetricsLogger`'s interface, writing nothing: the logger of processes other than 0 in a
+    multi-process run (they compute the same metrics; one copy of the logs is enough)."""
+
+    def write(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
+        del step, values, prefix
+
+    def advance(self, step: int) -> None:
+        del step
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics JSONL file (a torn last line from a killed run is skipped)."""
     out = []
@@ -109,7 +123,7 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None) -> float
     import jax
     import jax.numpy as jnp
 
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 only
     keys = jax.random.split(jax.random.key(0))
     a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.bfloat16), device) for k in keys)
     matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))

@@ -136,3 +136,26 @@ def test_restore_params_checks_every_leaf_and_can_leave_missing_ones(tmp_path):
         C.restore_params(tmp_path / "params", bad, allow_missing=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         C.restore_params(tmp_path / "nowhere", target)
+
+
+def test_data_states_are_saved_per_shard_and_restored_for_the_same_shard_count(tmp_path):
+    state = _small_state()
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        state)
+    ckpts = C.TrainCheckpoints(tmp_path, C.CheckpointConfig(every=1, keep=3, keep_best=0))
+    # What the two processes of a 2-shard run write between them (here one process reads both).
+    ckpts.save(1, state, C.DataShards(2, {0: {"index": 10}, 1: b"\x01state"}), {})
+    ckpts.save(2, state, {"index": 20}, {})  # a plain iterator state: one shard per process
+    ckpts.wait()
+    assert sorted(p.name for p in (tmp_path / "1" / "data").glob("shard_*")) == ["shard_0-of-2.json",
+                                                                                  "shard_1-of-2.json"]
+    both = ckpts.restore(target, step=1, data_shards=(2, (0, 1))).data_state
+    assert both == C.DataShards(2, {0: {"index": 10}, 1: b"\x01state"})
+    assert ckpts.restore(target, step=1, data_shards=(2, (1,))).data_state.states == {1: b"\x01state"}
+    assert ckpts.restore(target, step=2).data_state == {"index": 20}
+    with pytest.raises(ValueError, match=r"saved by a run reading \[2\] data shard\(s\) but this run reads 1"):
+        ckpts.restore(target, step=1)  # one process, one shard per process
+    with pytest.raises(ValueError, match="data.num_shards=2"):
+        ckpts.restore(target, step=1, data_shards=(4, (0,)))
+    ckpts.close()
