@@ -124,13 +124,17 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None) -> float
     import jax.numpy as jnp
 
     device = device or jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 only
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.bfloat16), device) for k in keys)
-    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    # Its own one-device mesh: under the training loop's global mesh, jit would place the
+    # operands on every process's devices.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("device",))):
+        rng = np.random.default_rng(0)
+        a, b = (jax.device_put(rng.standard_normal((size, size), np.float32).astype(jnp.bfloat16), device)
+                for _ in range(2))
+        matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
         matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best

@@ -180,7 +180,8 @@ assert {q: r.tolist() for q, r in multihost.process_rows(rows, 8).items()} == {0
 np.testing.assert_array_equal(multihost.to_host(multihost.synced_call(jax.jit(lambda a: 2 * a), x)),
                               2 * np.arange(8))
 np.testing.assert_array_equal(multihost.sum_over_processes(np.array([p + 1, 10])), [3, 20])
-peak = metrics.measure_peak_flops(size=128, repeats=2)  # a timing: differs between processes
+with jax.set_mesh(make_mesh(1, -1, 1)):  # as in the training loop: a global mesh is current
+    peak = metrics.measure_peak_flops(size=128, repeats=2)  # a timing: differs between processes
 print("peak", multihost.from_primary(peak), "own", peak)
 multihost.barrier("done")
 """
