@@ -35,14 +35,15 @@ input dtype before the dS·K and dSᵀ·Q products (standard flash-attention pra
 Backends: the three kernel bodies are shared. `backend="triton"` (Pallas GPU, Triton lowering)
 passes the block lists as ordinary whole-array inputs; `backend="mosaic"` (TPU) passes them as
 scalar-prefetch operands (SMEM) through `pltpu.PrefetchScalarGridSpec`. On CPU the "triton"
-form runs with `interpret=True`; both forms are tested in interpret mode. The compiled GPU and
-TPU paths have NOT been run (no accelerator was available when this was written): they are
-written to the documented constraints (Triton: power-of-two block and head sizes >= 16; Mosaic:
-dynamic indices only on leading/sublane dimensions, VMEM budget checked) but are unproven.
+form runs with `interpret=True`; both forms are tested in interpret mode. The compiled forms
+are lowered from the CPU for their hardware in tests/kernels/test_cross_lowering.py (forward and
+backward, the full-size NVLM shapes: Pallas -> Triton IR for CUDA, Pallas -> Mosaic for a TPU
+v5p), but have NOT been compiled or run on an accelerator (none was available when this was
+written): the Triton/Mosaic backend compilers and the numbers there are unproven.
 On Mosaic the dk/dv kernel keeps q and dO of a whole kv-head group resident in VMEM; shapes whose
 estimate exceeds 3/4 of VMEM (e.g. 8 query heads per kv head x 3,200 tokens x 128 in bf16 needs
-~28 MiB, over a 32 MiB chip's budget) are reported by `unsupported_reason`, and the dispatcher
-then uses XLA.
+~28 MiB, over a 16 MiB TPU v4 core's budget but within a v5p's) are reported by
+`unsupported_reason`, and the dispatcher then uses XLA.
 Under a multi-device mesh the pallas_call has no partitioning rule (operands are gathered): the
 dispatcher in `nvlm_jax.models.attention` keeps "auto" on XLA there and warns for "pallas".
 """
@@ -157,7 +158,7 @@ def _mosaic_vmem_bytes(cfg: _Config, itemsize: int) -> int:
     return 2 * max(fwd, dq, dkv)
 
 
-_SMALLEST_VMEM = 32 * 2**20  # TPU v4's VMEM per core, the smallest of current chips
+_SMALLEST_VMEM = 16 * 2**20  # TPU v4's VMEM per core (JAX's tpu_info), the smallest of current chips
 
 
 def _mosaic_vmem_capacity() -> int:
