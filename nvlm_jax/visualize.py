@@ -207,36 +207,18 @@ class TileSaliency:
 def _question_batch(model, image, question: str, answer: str):
     """A one-row training batch (the data pipeline's transforms, so every arch's contract holds)
     with `answer` as the assistant turn."""
-    from nvlm_jax.data import packing
-    from nvlm_jax.data import transforms as tr
-    from nvlm_jax.processing import encode_prompt, get_special_tokens
-    from nvlm_jax.processing.prompt import DEFAULT_SYSTEM_MESSAGE
+    from nvlm_jax.data.pipeline import record_batch
+    from nvlm_jax.processing import encode_prompt
 
     cfg, tok = model.config, model.tokenizer
     tiled = tile_image(image, cfg.max_tiles, tile_size=cfg.vision.image_size, use_thumbnail=cfg.use_thumbnail)
     prompt = encode_prompt(tok, "<image>\n" + question, [tiled.num_tiles], arch=cfg.arch,
                            tokens_per_tile=cfg.num_image_tokens, use_thumbnail=cfg.use_thumbnail)
     seq_len = -(-(len(prompt.input_ids) + 4 * len(answer) + 8) // 64) * 64  # room for the answer
-    pad_id = get_special_tokens(tok).endoftext
     record = {"conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
               "images": [image]}
-    steps = [
-        tr.ValidateConversation(),
-        tr.LoadImages(),
-        tr.TileImages(cfg.vision.image_size, cfg.max_tiles, cfg.use_thumbnail, tiled.num_tiles),
-        tr.EncodeConversation(tok, arch=cfg.arch, tokens_per_tile=cfg.num_image_tokens,
-                              system_message=DEFAULT_SYSTEM_MESSAGE, use_thumbnail=cfg.use_thumbnail),
-        tr.MakeTargets(tok, seq_len=seq_len, image_context_token_id=cfg.image_context_token_id, pad_id=pad_id),
-    ]
-    element = tr.ParseRecordDict("saliency").map(("saliency", record))
-    for step in steps:
-        element = step.map(element)
-    if isinstance(element, tr.Skipped):
-        raise ValueError(f"cannot encode the question and answer: {element}")
-    row = packing.build_row([element], seq_len=seq_len, pad_id=pad_id)
-    batch = packing.BatchRows(batch_size=1, seq_len=seq_len, tiles_per_row=tiled.num_tiles,
-                              tile_size=cfg.vision.image_size, pad_id=pad_id)([row])
-    batch.pop(packing.STATS_KEY, None)
+    batch = record_batch(record, cfg, tok, seq_len=seq_len, tiles_per_row=tiled.num_tiles,
+                         what="question and answer")
     return batch, tiled
 
 

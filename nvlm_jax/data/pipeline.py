@@ -168,29 +168,9 @@ def _source_dataset(
         ds = ds.shuffle(seed=_source_seed(seed, spec.name))
     if data_cfg.num_epochs != 1:
         ds = ds.repeat(data_cfg.num_epochs)
-    ds = (
-        ds.map(tr.ValidateConversation())
-        .map(tr.LoadImages(data_cfg.max_pixels))
-        .map(tr.TileImages(model_cfg.vision.image_size, model_cfg.max_tiles, model_cfg.use_thumbnail, tiles_per_row))
-        .map(
-            tr.EncodeConversation(
-                tokenizer,
-                arch=model_cfg.arch,
-                tokens_per_tile=model_cfg.num_image_tokens,
-                tag_style=data_cfg.tag_style,
-                use_thumbnail=model_cfg.use_thumbnail,
-                system_message=data_cfg.system_message,
-            )
-        )
-        .map(
-            tr.MakeTargets(
-                tokenizer,
-                seq_len=seq_len,
-                image_context_token_id=model_cfg.image_context_token_id,
-                pad_id=encoder.special.endoftext,
-            )
-        )
-    )
+    for transform in record_transforms(model_cfg, tokenizer, seq_len=seq_len, tiles_per_row=tiles_per_row,
+                                       pad_id=encoder.special.endoftext, **_record_settings(data_cfg)):
+        ds = ds.map(transform)
     buffer = 2 * data_cfg.read_threads
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=buffer))
 
@@ -332,6 +312,50 @@ class DataIterator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _record_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """The `DataConfig` fields the per-record transforms read."""
+    return dict(system_message=data_cfg.system_message, tag_style=data_cfg.tag_style, max_pixels=data_cfg.max_pixels)
+
+
+def record_transforms(model_cfg: NVLMConfig, tokenizer: Any, *, seq_len: int, tiles_per_row: int, pad_id: int,
+                      system_message: str | None = prompt_lib.DEFAULT_SYSTEM_MESSAGE, tag_style: str = "1d",
+                      max_pixels: int | None = tiling.DEFAULT_MAX_PIXELS) -> list[grain.transforms.Map]:
+    """The per-record steps of every pipeline, after parsing: validate, load and tile images,
+    encode the conversation, make the targets (keywords as in `DataConfig`). One-off callers
+    (`record_batch`) use the same list, so a question asked of a trained model is encoded
+    exactly as its training data was."""
+    return [
+        tr.ValidateConversation(),
+        tr.LoadImages(max_pixels),
+        tr.TileImages(model_cfg.vision.image_size, model_cfg.max_tiles, model_cfg.use_thumbnail, tiles_per_row),
+        tr.EncodeConversation(tokenizer, arch=model_cfg.arch, tokens_per_tile=model_cfg.num_image_tokens,
+                              tag_style=tag_style, use_thumbnail=model_cfg.use_thumbnail,
+                              system_message=system_message),
+        tr.MakeTargets(tokenizer, seq_len=seq_len, image_context_token_id=model_cfg.image_context_token_id,
+                       pad_id=pad_id),
+    ]
+
+
+def record_batch(record: Mapping[str, Any], model_cfg: NVLMConfig, tokenizer: Any, *, seq_len: int,
+                 tiles_per_row: int, data_cfg: DataConfig | None = None, what: str = "record") -> dict[str, np.ndarray]:
+    """One record (`{"conversations": [...], "images": [...]}`) as a one-row batch with the
+    pipeline's transforms (settings from `data_cfg`, default `DataConfig`'s) and batch layout; a
+    record the pipeline would skip is a ValueError naming `what` and the reason."""
+    pad_id = tokenizer_lib.get_special_tokens(tokenizer).endoftext
+    settings = _record_settings(data_cfg) if data_cfg is not None else {}
+    element = tr.ParseRecordDict(what).map((what, record))
+    for transform in record_transforms(model_cfg, tokenizer, seq_len=seq_len, tiles_per_row=tiles_per_row,
+                                       pad_id=pad_id, **settings):
+        element = transform.map(element)
+    if isinstance(element, tr.Skipped):
+        raise ValueError(f"cannot encode the {what}: {element}")
+    row = packing.build_row([element], seq_len=seq_len, pad_id=pad_id)
+    batch = packing.BatchRows(batch_size=1, seq_len=seq_len, tiles_per_row=tiles_per_row,
+                              tile_size=model_cfg.vision.image_size, pad_id=pad_id)([row])
+    batch.pop(packing.STATS_KEY, None)
+    return batch
 
 
 class ShardedIterator:

@@ -338,35 +338,14 @@ def question_batch(c, cfg: NVLMConfig, tokenizer, image, question: str) -> dict:
     """A one-row batch holding `question` about `image` (a PIL image or path; None for text-only)
     with the same transforms as training (tiling, chat template, tile tags, image tokens). The
     answer slot holds a placeholder: decoding starts where the answer would."""
-    from nvlm_jax.data import packing
-    from nvlm_jax.data import transforms as tr
-    from nvlm_jax.processing import tokenizer as tok
+    from nvlm_jax.data.pipeline import record_batch
 
     d = c.data
     record = {"conversations": [{"from": "human", "value": ("<image>\n" if image is not None else "") + question},
                                 {"from": "gpt", "value": "?"}],
               "images": [image] if image is not None else []}
-    pad_id = tok.get_special_tokens(tokenizer).endoftext
-    system = data_config(c).system_message
-    steps = [
-        tr.ValidateConversation(),
-        tr.LoadImages(),
-        tr.TileImages(cfg.vision.image_size, cfg.max_tiles, cfg.use_thumbnail, d.tiles_per_row),
-        tr.EncodeConversation(tokenizer, arch=cfg.arch, tokens_per_tile=cfg.num_image_tokens,
-                              system_message=system, use_thumbnail=cfg.use_thumbnail),
-        tr.MakeTargets(tokenizer, seq_len=d.seq_len, image_context_token_id=cfg.image_context_token_id,
-                       pad_id=pad_id),
-    ]
-    element = tr.ParseRecordDict("question").map(("question", record))
-    for step in steps:
-        element = step.map(element)
-    if isinstance(element, tr.Skipped):
-        raise ValueError(f"cannot encode the question: {element}")
-    row = packing.build_row([element], seq_len=d.seq_len, pad_id=pad_id)
-    batch = packing.BatchRows(batch_size=1, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
-                              tile_size=cfg.vision.image_size, pad_id=pad_id)([row])
-    batch.pop(packing.STATS_KEY, None)
-    return batch
+    return record_batch(record, cfg, tokenizer, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
+                        data_cfg=data_config(c), what="question")
 
 
 def ask(run: Run, params, image, question: str, max_new_tokens: int = 16) -> str:

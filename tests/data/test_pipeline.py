@@ -361,3 +361,23 @@ def test_resume_is_exact_with_skipped_records_in_the_stream(tok, cfgs, messy_jso
     for want in expected:
         _assert_equal_batches(next(resumed), want)
     assert resumed.skip_counts == it.skip_counts and it.skip_counts["messy"]
+
+
+@pytest.mark.parametrize("arch", "DXH")
+def test_record_batch_encodes_a_record_exactly_as_the_pipeline(tok, cfgs, tmp_path, arch):
+    """`record_batch` (asking a trained model, attribution maps) must see what training saw,
+    the data config's tag style and system message included."""
+    image = tmp_path / "im.png"
+    image.write_bytes(_png((60, 30)))
+    record = {"conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "green"}],
+              "images": [str(image)]}
+    path = str(tmp_path / "one.jsonl")
+    sources.write_jsonl(path, [record])
+    data = pl.DataConfig(sources=(sources.JsonlSource("one", {"train": path}),), num_epochs=1, packing=False,
+                         shuffle=False, tag_style="2d_grid", system_message="Be brief.")
+    (from_pipeline,) = list(_pipe(data, cfgs[arch], tok, batch_size=1))
+    alone = pl.record_batch(record, cfgs[arch], tok, seq_len=SEQ, tiles_per_row=TILES, data_cfg=data)
+    _assert_equal_batches(alone, from_pipeline)
+    with pytest.raises(ValueError, match="cannot encode the question"):
+        pl.record_batch({"conversations": [{"from": "human", "value": "hi"}], "images": [str(image)]}, cfgs[arch],
+                        tok, seq_len=SEQ, tiles_per_row=TILES, what="question")
