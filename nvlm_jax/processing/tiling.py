@@ -8,8 +8,8 @@ Output is channels-last float32 `[num_tiles, tile, tile, 3]`, bit-identical to t
 `ToTensor` + `Normalize` values (before its cast to bfloat16).
 
 Speed: the image is resized once and the tiles are views into that one array; normalisation is
-a 256-entry lookup table per channel (the same float32 arithmetic as `x / 255 - mean) / std`,
-evaluated once per byte value) written straight into the output, with no per-tile PIL objects.
+a lookup table (the same float32 arithmetic as `(x / 255 - mean) / std`, evaluated once per
+byte value and channel) gathered straight into the output, with no per-tile PIL objects.
 
 Decoding choices for real-world files (`open_image`), where the release just calls
 `Image.open(f).convert('RGB')`:
@@ -327,22 +327,57 @@ def _normalize_lut() -> np.ndarray:
     return lut
 
 
+@functools.lru_cache(maxsize=1)
+def _interleaved_lut() -> np.ndarray:
+    """`[768]` float32: `_normalize_lut` channel-major, indexed by `channel * 256 + byte`."""
+    lut = np.ascontiguousarray(_normalize_lut().T).reshape(-1)
+    lut.setflags(write=False)
+    return lut
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_offsets(width: int) -> np.ndarray:
+    """`[width * 3]` uint16 `0, 256, 512, 0, 256, 512, ...`: the channel part of the index."""
+    offsets = np.tile(np.array([0, 256, 512], np.uint16), width)
+    offsets.setflags(write=False)
+    return offsets
+
+
+def _rows_view(x: np.ndarray) -> np.ndarray | None:
+    """`[..., h, w, 3]` as `[..., h, w*3]` without a copy, or None when a row is not contiguous."""
+    if x.ndim < 3 or x.strides[-1] != x.itemsize or x.strides[-2] != 3 * x.itemsize:
+        return None
+    return x.reshape(*x.shape[:-2], x.shape[-2] * 3)
+
+
 def normalize_tiles(tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """ImageNet-normalises uint8 pixels `[..., 3]` (0..255) to float32 `[..., 3]`.
 
     Equal, bit for bit, to `(x.astype(float32) / 255 - mean) / std` (torchvision's `ToTensor` +
-    `Normalize`), via a per-channel lookup table. `tiles` may be any strided view; `out` (float32,
-    same shape) is written in place when given.
+    `Normalize`), via a lookup table. `tiles` may be any strided view; `out` (float32, same
+    shape) is written in place when given.
     """
     if tiles.dtype != np.uint8 or tiles.shape[-1] != 3:
         raise ValueError(f"expected uint8 [..., 3] pixels, got {tiles.dtype} {tiles.shape}")
     if out is None:
         out = np.empty(tiles.shape, np.float32)
-    lut = _normalize_lut()
-    for c in range(3):
-        # mode="clip" (uint8 indices are always in range) lets numpy write `out` directly;
-        # the default mode="raise" buffers it, which costs ~40% more.
-        np.take(lut[:, c], tiles[..., c], out=out[..., c], mode="clip")
+    elif out.shape != tiles.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {tiles.shape}, got {out.dtype} {out.shape}")
+    in_rows, out_rows = _rows_view(tiles), _rows_view(out)
+    if in_rows is None or out_rows is None:
+        lut = _normalize_lut()
+        for c in range(3):
+            # mode="clip" (uint8 indices are always in range) lets numpy write `out` directly;
+            # the default mode="raise" buffers it, which costs ~40% more.
+            np.take(lut[:, c], tiles[..., c], out=out[..., c], mode="clip")
+        return out
+    # Pixel rows are contiguous: one gather per image from a 768-entry table indexed by
+    # `byte + 256 * channel` runs ~2.5x faster than three channel-strided gathers.
+    lut, offsets = _interleaved_lut(), _channel_offsets(tiles.shape[-2])
+    index = np.empty(in_rows.shape[-2:], np.uint16)  # [h, w*3], reused for every image
+    for lead in np.ndindex(*in_rows.shape[:-2]):
+        np.add(in_rows[lead], offsets, out=index, dtype=np.uint16)
+        np.take(lut, index, out=out_rows[lead], mode="clip")
     return out
 
 

@@ -173,6 +173,49 @@ def test_normalize_tiles_matches_torchvision_formula_for_every_byte():
     np.testing.assert_array_equal(normalize_tiles(values), expected)
 
 
+def _formula(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float32) / np.float32(255) - MEAN) / STD
+
+
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "tile_grid_view", "channel_reversed", "column_strided"]
+)
+def test_normalize_tiles_is_exact_for_every_layout(layout):
+    # Every byte value in every channel, in the layouts the two code paths see: contiguous pixel
+    # rows (one interleaved gather) and views whose rows are not contiguous (per-channel gather).
+    rng = np.random.default_rng(0)
+    # A 2 x 3 grid of 32 x 32 tiles, as the resized image [2*32, 3*32, 3].
+    image = rng.permutation(np.tile(np.arange(256, dtype=np.uint8), 72)).reshape(64, 96, 3)
+    if layout == "contiguous":
+        tiles = image.reshape(2, 32, 96, 3)
+    elif layout == "tile_grid_view":
+        tiles = image.reshape(2, 32, 3, 32, 3).transpose(0, 2, 1, 3, 4)
+    elif layout == "channel_reversed":
+        tiles = image[..., ::-1]
+    else:
+        tiles = image[:, ::2]
+    assert all(np.isin(np.arange(256), tiles[..., c]).all() for c in range(3))
+    np.testing.assert_array_equal(normalize_tiles(tiles), _formula(tiles))
+    out = np.full(tiles.shape, np.nan, np.float32)
+    assert normalize_tiles(tiles, out=out) is out
+    np.testing.assert_array_equal(out, _formula(tiles))
+
+
+def test_normalize_tiles_writes_into_a_strided_output():
+    tiles = np.random.default_rng(1).integers(0, 256, (3, 5, 7, 3), np.uint8)
+    big = np.zeros((3, 5, 14, 3), np.float32)
+    normalize_tiles(tiles, out=big[:, :, ::2])
+    np.testing.assert_array_equal(big[:, :, ::2], _formula(tiles))
+    assert not big[:, :, 1::2].any()
+
+
+def test_normalize_tiles_rejects_wrong_inputs():
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_tiles(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="out must be float32"):
+        normalize_tiles(np.zeros((4, 4, 3), np.uint8), out=np.zeros((4, 5, 3), np.float32))
+
+
 def test_load_image_returns_channels_last_float32_tiles(tmp_path):
     path = tmp_path / "photo.jpg"
     _noise_image(1280, 720).save(path, quality=90)
