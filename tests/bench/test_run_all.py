@@ -35,7 +35,8 @@ seconds per pass           ours  baseline   ratio
 decode                    0.100     0.100   1.00x
 total (end to end)        0.500     1.500   3.00x
 images/s                   48.0      16.0
-tile_images on 2 threads: 80.0 images/s, 5.00x the single-threaded baseline
+tile_images on 2 threads: 80.0 images/s, 5.00x the single-threaded baseline (median of per-repeat ratios; \
+range 4.10-5.90x; ratio of medians 5.10x)
 """
 DATA = """\
 data pipeline, NVLM-D, 448-px tiles (6+1 per sample), tiny tokenizer, batch 4 x 4096 tokens x 14 tiles, ...
@@ -97,7 +98,7 @@ def test_each_bench_table_parses_into_figures(run_all):
     p = run_all.parse_preprocess(PREPROCESS)
     assert (p[0]["value"], p[0]["baseline"], p[0]["ratio"]) == (48.0, 16.0, 3.0)
     assert (p[1]["value"], p[1]["baseline"], p[1]["ratio"]) == (80.0, 16.0, 5.0)
-    assert p[1]["met"] is True and "2x" in p[1]["target"]
+    assert p[1]["met"] is True and "2x" in p[1]["target"] and p[1]["note"] == "per-repeat 4.10-5.90x"
     dp = run_all.parse_data_pipeline(DATA)
     assert [x["value"] for x in dp] == [10.0, 15.0] and dp[0]["ratio"] is None and dp[1]["ratio"] == 1.5
     c = run_all.parse_convert(CONVERT)
