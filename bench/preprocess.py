@@ -14,7 +14,7 @@ is the median over repeats of (baseline pass / threaded pass), each pair timed b
 the second core of this shared VM is intermittently slower for seconds at a time, which moves a
 threaded pass by up to 20% while the single-threaded passes barely change.
 
-Run from the repo root: `python bench/preprocess.py [--repeats 5]`. Uses the release (Qwen2)
+Run from the repo root: `python bench/preprocess.py [--repeats 9]`. Uses the release (Qwen2)
 tokenizer when its files are in NVLM_REFERENCE_DIR (default ../shared/reference), else the tiny
 test tokenizer.
 """
