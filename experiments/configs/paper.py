@@ -81,6 +81,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.packing = arch == "D"
     c.data.num_workers = 8
     c.data.read_threads = 2
+    # The prompt format (saved with every checkpoint; chat/eval read it back): tile tags
+    # ("1d" as released, "none", "2d_grid", "2d_bbox"), the tile budget (0 = the model's max_tiles)
+    # and the ChatML system message ("" = no system turn).
+    c.data.tag_style = "1d"
+    c.data.max_tiles = 0
+    c.data.system_message = "Answer the questions."
     c.data.seed = 0
     c.data.num_shards = 0  # 0: one data shard per process (see nvlm_jax.train.multihost)
 

@@ -52,6 +52,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.packing = True
     c.data.num_workers = 1  # one grain worker process prepares batches while the step runs
     c.data.read_threads = 0
+    # The prompt format (saved with every checkpoint; chat/eval read it back): tile tags
+    # ("1d" as released, "none", "2d_grid", "2d_bbox"), the tile budget (0 = the model's max_tiles)
+    # and the ChatML system message ("" = no system turn).
+    c.data.tag_style = "1d"
+    c.data.max_tiles = 0
+    c.data.system_message = "Answer the questions."
     c.data.seed = 0
     # Record-wise data shards making up the global batch; 0 = one per process. Fix it (e.g. 2)
     # to get the same batches on any process count dividing it (and to resume on one).

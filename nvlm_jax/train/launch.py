@@ -36,6 +36,7 @@ import jax
 from nvlm_jax import config as model_config_lib
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models import nvlm
+from nvlm_jax.processing.prompt_format import DEFAULT_SYSTEM_MESSAGE, PromptFormat
 from nvlm_jax.sharding import DEFAULT_RULES, tree_shardings
 from nvlm_jax.train import checkpoint as ckpt_lib
 from nvlm_jax.train import evaluate as eval_lib
@@ -126,6 +127,18 @@ def model_config(c, tokenizer) -> NVLMConfig:
     from nvlm_jax.data.pipeline import config_for_tokenizer
 
     return config_for_tokenizer(cfg, tokenizer)
+
+
+def prompt_format(c, cfg: NVLMConfig) -> PromptFormat:
+    """The `PromptFormat` of run config `c` for model `cfg`: `data.tag_style`, `data.max_tiles`
+    (the stage's tile budget; 0 = the model's `max_tiles`) and `data.system_message` ("" = no
+    system turn); thumbnail rule and tokens per tile from the model. Saved with every checkpoint."""
+    d = c.data
+    system = d.get("system_message", DEFAULT_SYSTEM_MESSAGE)
+    return PromptFormat.for_model(
+        cfg, tag_style=d.get("tag_style", "1d"), max_tiles=d.get("max_tiles", 0) or cfg.max_tiles,
+        system_message=system or None,
+    )
 
 
 def load_tokenizer(c):
