@@ -103,6 +103,8 @@ class TiledImage:
 # ------------------------------------------------------------------------------------------
 # Grid selection.
 
+MAX_TILE_BUDGET = 64  # NVLM uses 6, InternVL up to 40; a larger grid is a mistake, not a request
+
 
 @functools.lru_cache(maxsize=64)
 def candidate_grids(
@@ -119,6 +121,9 @@ def candidate_grids(
     """
     if min_num < 1 or max_num < min_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
+    if max_num > MAX_TILE_BUDGET:
+        # The release's scan is cubic in max_num: 10**6 would run for hours instead of failing.
+        raise ValueError(f"max_num={max_num} tiles is over the supported budget of {MAX_TILE_BUDGET} tiles per image")
     grids = {
         (i, j)
         for n in range(min_num, max_num + 1)

@@ -473,3 +473,13 @@ def test_tile_images_mixed_sources_keep_input_order_and_errors_name_the_file(tmp
     empty.write_bytes(b"")
     with pytest.raises(ImageLoadError, match="empty.png"):
         tile_images([small, big, empty], num_threads=2)
+
+
+def test_huge_tile_budget_is_a_named_error_not_a_hang():
+    from nvlm_jax.processing.tiling import MAX_TILE_BUDGET
+
+    with pytest.raises(ValueError, match=r"max_num=1000000 tiles is over the supported budget of 64"):
+        select_grid(448, 448, max_num=10**6)
+    with pytest.raises(ValueError, match="over the supported budget"):
+        load_image(Image.new("RGB", (8, 8)), max_num=MAX_TILE_BUDGET + 1)
+    assert len(candidate_grids(1, MAX_TILE_BUDGET)) > 0
