@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.max_nonfinite = 10
     c.peak_flops_per_device = 989e12  # H100 SXM dense bf16; set for your accelerator
     c.compilation_cache_dir = ""
+    # Resume even if the config changed in ways that break exact resumption (the changes are logged).
+    c.allow_resume_changes = False
     c.tokenizer = ""  # the init checkpoint's tokenizer files
 
     c.model = ConfigDict()

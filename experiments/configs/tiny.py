@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.max_nonfinite = 5
     c.peak_flops_per_device = 0.0  # 0: measure a bf16 matmul at start
     c.compilation_cache_dir = ""
+    # Resume even if the config changed in ways that break exact resumption (the changes are logged).
+    c.allow_resume_changes = False
     c.tokenizer = "tiny"
 
     c.model = ConfigDict()

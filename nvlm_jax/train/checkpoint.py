@@ -279,11 +279,45 @@ class TrainCheckpoints:
         try:
             out = self._manager.restore(step, args=args)
         except (ValueError, KeyError) as e:
+            _drop_abandoned_reads()
             raise ValueError(f"{self.directory / str(step)}: cannot restore it for this run: {e}") from e
+        except Exception:
+            _drop_abandoned_reads()
+            raise
         data: DataShards = out.data
         if data_shards is None:
             return Restored(step, out.state, data.states.get(jax.process_index()), dict(out.config))
         return Restored(step, out.state, data if data.states else None, dict(out.config))
+
+    def read_run_config(self, step: int) -> dict[str, Any]:
+        """The run config saved with checkpoint `step` (ValueError naming the file if unreadable)."""
+        path = self.directory / str(step) / "config"
+        try:
+            with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+                config = reader.restore(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise ValueError(f"{path}: cannot read the saved run config: {type(e).__name__}: {e}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: the saved run config is a {type(config).__name__}, not a JSON object")
+        return config
+
+    def set_aside(self, step: int, why: str) -> Path:
+        """Moves an unusable checkpoint `step` out of the way (never deletes it) so the run can
+        resume from an earlier one and save `step` again; writes `why` next to it."""
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.unusable"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{step}.unusable-{n}"
+        if jax.process_index() == 0:
+            os.replace(src, dst)
+            (dst / "WHY_UNUSABLE.txt").write_text(why + "\n")
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"nvlm_jax.checkpoint.set_aside:{step}")
+        self._manager.reload()
+        return dst
 
     def wait(self) -> None:
         """Blocks until pending saves are complete on disk."""
@@ -292,6 +326,32 @@ class TrainCheckpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _drop_abandoned_reads() -> None:
+    """Silences the read tasks a failed Orbax restore leaves behind: their finalizers (now, and
+    later from Orbax's threads) print dozens of "Event loop is closed" tracebacks that would bury
+    the one error saying what is wrong. Installs, once per process, an unraisable-exception hook
+    that drops exactly those (abandoned coroutines, a closed event loop) and passes on the rest."""
+    import gc
+    import sys
+
+    if not getattr(sys.unraisablehook, "_nvlm_quiet", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not _is_abandoned_read(unraisable):
+                previous(unraisable)
+
+        hook._nvlm_quiet = True
+        sys.unraisablehook = hook
+    gc.collect()
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    import inspect
+
+    return inspect.iscoroutine(unraisable.object) or "Event loop is closed" in str(unraisable.exc_value)
 
 
 def _data_save_args(data_state: Any) -> DataShardsSave:

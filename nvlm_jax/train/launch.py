@@ -290,6 +290,7 @@ def loop_config(c) -> loop_lib.LoopConfig:
         eval_every=c.eval.every, max_nonfinite=c.max_nonfinite, seed=c.seed,
         mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices=c.mesh.num_devices,
         peak_flops_per_device=c.peak_flops_per_device,
+        allow_resume_changes=bool(c.get("allow_resume_changes", False)),
     )
 
 

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ from nvlm_jax.data.batch import validate_batch
 from nvlm_jax.models import nvlm
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 from nvlm_jax.train import flops as flops_lib
-from nvlm_jax.train import multihost
+from nvlm_jax.train import multihost, resume
 from nvlm_jax.train.checkpoint import CheckpointConfig, DataShards, TrainCheckpoints
 from nvlm_jax.train.freeze import count_params, partition, trainable_mask, trained_subtrees
 from nvlm_jax.train.metrics import MetricsLogger, NullLogger, batch_token_counts, measure_peak_flops, mfu
@@ -96,6 +97,8 @@ class LoopConfig:
       mesh: (data, fsdp, tensor) sizes, one may be -1; num_devices: use the first n devices
         (0 = all).
       peak_flops_per_device: MFU denominator; 0 = measure a bf16 matmul at start.
+      allow_resume_changes: resume even when the run config changed in ways that break exact
+        resumption (see `nvlm_jax.train.resume`); the changes are logged.
     """
 
     num_steps: int = 1000
@@ -108,6 +111,7 @@ class LoopConfig:
     mesh: tuple[int, int, int] = (1, -1, 1)
     num_devices: int = 0
     peak_flops_per_device: float = 0.0
+    allow_resume_changes: bool = False
 
     def __post_init__(self):
         if self.num_steps < 1 or self.log_every < 1 or self.max_nonfinite < 1:
@@ -184,15 +188,11 @@ def train(
     logger = None
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            resumed_from = ckpts.latest_step()
-            if resumed_from is not None:
-                layout = data_shard_layout(train_iter)
-                restored = ckpts.restore(state_shapes, data_shards=layout)
+            restored = _restore_latest_usable(ckpts, state_shapes, train_iter, run_config,
+                                              loop_cfg.allow_resume_changes)
+            resumed_from = None if restored is None else restored.step
+            if restored is not None:
                 state = restored.state
-                if restored.data_state is not None:
-                    if not hasattr(train_iter, "set_state"):
-                        raise ValueError("the checkpoint holds a data iterator state but train_iter has no set_state")
-                    train_iter.set_state(restored.data_state.states if layout else restored.data_state)
                 log.info("resumed from %s (step %d)", ckpts.directory / str(resumed_from), resumed_from)
             else:
                 if init_params is None:
@@ -213,6 +213,50 @@ def train(
         ckpts.close()
         if logger is not None:
             logger.close()
+
+
+def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, train_iter, run_config: Mapping[str, Any],
+                           allow_changes: bool):
+    """The latest checkpoint that restores completely, its data-iterator state set on
+    `train_iter`; None when there is none (a fresh run).
+
+    A checkpoint whose files cannot be read, or that lacks the data-iterator state this run
+    needs, is set aside (renamed `<step>.unusable`, never deleted) with a warning naming why, and
+    the previous one is tried. A run config that changed in ways that break exact resumption is
+    refused (`resume.ResumeConfigError`) unless `allow_changes`."""
+    layout = data_shard_layout(train_iter)
+    needs_data = hasattr(train_iter, "set_state")
+    for step in sorted(ckpts.all_steps(), reverse=True):
+        where = ckpts.directory / str(step)
+        try:
+            saved = ckpts.read_run_config(step)
+        except ValueError as e:
+            _set_aside(ckpts, step, str(e))
+            continue
+        changes = resume.check_resume_config(saved, run_config, str(where), allow_changes)
+        if changes:
+            log.warning("resuming from %s despite config changes (allow_resume_changes): %s", where, "; ".join(changes))
+        try:
+            restored = ckpts.restore(state_shapes, step=step, data_shards=layout)
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file fails in many ways
+            _set_aside(ckpts, step, f"{where}: cannot restore it: {type(e).__name__}: {e}")
+            continue
+        if needs_data and restored.data_state is None:
+            _set_aside(ckpts, step, f"{where}: it holds no data-iterator state, so the run would restart its data "
+                                    "from the beginning")
+            continue
+        if restored.data_state is not None:
+            if not needs_data:
+                raise ValueError("the checkpoint holds a data iterator state but train_iter has no set_state")
+            train_iter.set_state(restored.data_state.states if layout else restored.data_state)
+        return restored
+    return None
+
+
+def _set_aside(ckpts: TrainCheckpoints, step: int, why: str) -> None:
+    moved = ckpts.set_aside(step, why)
+    log.warning("checkpoint step %d is unusable (%s); moved it to %s and trying the previous one", step, why, moved)
+    warnings.warn(f"checkpoint step {step} is unusable: {why}; moved to {moved}", stacklevel=3)
 
 
 @functools.lru_cache(maxsize=8)

@@ -43,6 +43,30 @@ def _plain(value):
     return value
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Removes the records of steps after `step` (logged by a run that died before its next
+    checkpoint; the resumed run logs those steps again), so every step appears once. The file
+    is replaced atomically; a torn last line is dropped too."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Writes metric records `{name: number}` at a step to all sinks.
 
@@ -55,6 +79,7 @@ class MetricsLogger:
     def __init__(self, workdir: str | os.PathLike, total_steps: int, initial_step: int = 0, console: bool = True):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(self.workdir / METRICS_FILE, initial_step)
         self._jsonl = open(self.workdir / METRICS_FILE, "a")
         self._tb = EventWriter(self.workdir / TENSORBOARD_DIR)
         self._bar = None

@@ -2,6 +2,7 @@
 metrics in JSONL and TensorBoard, evaluation and keep-best."""
 
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from nvlm_jax.config import tiny
-from nvlm_jax.train import checkpoint, loop, metrics, optim, tensorboard
+from nvlm_jax.train import checkpoint, loop, metrics, optim, resume, tensorboard
 from nvlm_jax.train.step import param_shapes
 from tests.train import fakes
 
@@ -39,11 +40,10 @@ def _train(workdir, num_steps, iterator=None, every=3, **kwargs):
 
 
 def _losses(workdir):
-    by_step = {}
-    for r in metrics.read_jsonl(workdir / metrics.METRICS_FILE):
-        if "train/loss" in r:
-            by_step[r["step"]] = r["train/loss"]  # a resumed run re-logs replayed steps: keep the last
-    return by_step
+    records = [r for r in metrics.read_jsonl(workdir / metrics.METRICS_FILE) if "train/loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["train/loss"] for r in records}
 
 
 def test_resumed_run_continues_the_loss_curve_exactly(tmp_path):
@@ -120,3 +120,59 @@ def test_init_params_callback_is_used_for_a_fresh_run(tmp_path):
 
     result = _train(tmp_path, 1, init_params=init)
     assert seen and float(np.asarray(result.state.params["vision"]["patch_bias"])[0]) == pytest.approx(0.01)
+
+
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+# The failed restore's abandoned Orbax reads must not print their tracebacks over the warning.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept_aside(tmp_path):
+    straight = _train(tmp_path / "a", 6)
+    _train(tmp_path / "b", 6)
+    ckpt_dir = tmp_path / "b" / loop.CHECKPOINT_DIR
+    victim = _largest_file(ckpt_dir / "6" / "state")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"checkpoint step 6 is unusable: .*cannot restore it"):
+        again = _train(tmp_path / "b", 6)
+    assert again.resumed_from == 3 and int(again.state.step) == 6
+    assert (ckpt_dir / "6.unusable" / "WHY_UNUSABLE.txt").is_file()  # set aside, not deleted
+    assert (ckpt_dir / "6" / "state").is_dir()  # saved again by the resumed run
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                           again.state.params, straight.state.params)
+
+
+def test_a_checkpoint_without_its_data_state_is_not_resumed_from_the_start_of_the_data(tmp_path):
+    _train(tmp_path, 6)
+    data_dir = tmp_path / loop.CHECKPOINT_DIR / "6" / "data"
+    for f in data_dir.iterdir():
+        f.unlink()
+    with pytest.warns(UserWarning, match=r"step 6 is unusable: .*no data-iterator state"):
+        again = _train(tmp_path, 6)
+    assert again.resumed_from == 3
+
+
+def test_a_changed_run_config_is_refused_with_the_list_of_changes_unless_allowed(tmp_path):
+    run = {"stage": "sft", "data": {"batch_size": 2, "seq_len": 64, "tasks": {"colour": 1.0}}, "log_every": 1}
+    _train(tmp_path, 3, run_config=run)
+    changed = {"stage": "sft", "data": {"batch_size": 4, "seq_len": 64, "tasks": {"shape": 1.0}}, "log_every": 5}
+    with pytest.raises(resume.ResumeConfigError) as e:
+        _train(tmp_path, 6, run_config=changed)
+    message = str(e.value)
+    assert "data.batch_size: 2 -> 4" in message and "data.tasks.colour: 1.0 -> (absent)" in message
+    assert "data.tasks.shape: (absent) -> 1.0" in message and "log_every" not in message
+    assert "allow_resume_changes" in message
+    resumed = _train(tmp_path, 4, run_config=changed, loop=dict(allow_resume_changes=True))
+    assert resumed.resumed_from == 3 and int(resumed.state.step) == 4
+
+
+def test_metrics_have_one_record_per_step_after_a_crash_between_checkpoints(tmp_path):
+    _train(tmp_path, 6)
+    shutil.rmtree(tmp_path / loop.CHECKPOINT_DIR / "6")  # as if killed after logging step 6, before saving it
+    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+        f.write('{"step": 6, "train/lo')  # and mid-write
+    again = _train(tmp_path, 6)
+    assert again.resumed_from == 3
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
