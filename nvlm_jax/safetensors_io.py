@@ -99,18 +99,22 @@ class SafetensorsFile:
                     raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
                 (n,) = struct.unpack("<Q", head)
                 if n > MAX_HEADER_BYTES:
-                    raise ValueError(f"{self.path}: header length {n} exceeds {MAX_HEADER_BYTES} bytes (corrupt file?)")
+                    # The length is the file's first 8 bytes: never print it (that would echo them).
+                    raise ValueError(f"{self.path}: declares a header over {MAX_HEADER_BYTES} bytes: not a safetensors "
+                                     "file, or a corrupt one")
                 if 8 + n > size:
-                    raise ValueError(
-                        f"{self.path}: truncated safetensors file: header needs {8 + n} bytes, file has {size}"
-                    )
+                    raise ValueError(f"{self.path}: truncated or not a safetensors file: its header runs past the end "
+                                     f"of the file ({size} bytes)")
                 raw = f.read(n)
         except OSError as e:
             raise ValueError(f"{self.path}: cannot read safetensors file: {e}") from e
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path}: safetensors header is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: safetensors header is not UTF-8 (bad byte at offset {8 + e.start})") from None
+        except json.JSONDecodeError as e:
+            # e.msg and the position only: the exception's text may quote the file's bytes.
+            raise ValueError(f"{self.path}: safetensors header is not valid JSON ({e.msg} at offset {8 + e.pos})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: safetensors header is not a JSON object")
         self.data_start = 8 + n

@@ -114,7 +114,7 @@ def test_truncated_file_is_reported_with_its_name(tmp_path):
     with pytest.raises(ValueError, match=r"t\.safetensors: truncated safetensors file: data runs to byte"):
         SafetensorsFile(path)
     path.write_bytes(data[:20])
-    with pytest.raises(ValueError, match="truncated safetensors file: header needs"):
+    with pytest.raises(ValueError, match="truncated or not a safetensors file: its header runs past the end"):
         SafetensorsFile(path)
     path.write_bytes(data[:5])
     with pytest.raises(ValueError, match="no header length"):
@@ -148,6 +148,22 @@ def test_non_json_header_is_rejected(tmp_path):
     path.write_bytes(struct.pack("<Q", 4) + b"{{{{")
     with pytest.raises(ValueError, match="not valid JSON"):
         SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("secret", [b"root:x:0:0:root:/root:/bin/bash\n", b"\x10\0\0\0\0\0\0\0SECRET-TOKEN-xyz",
+                                    b"\x08\0\0\0\0\0\0\0\xffSECRET\xfe"])
+def test_errors_on_foreign_files_never_echo_their_bytes(tmp_path, secret):
+    path = tmp_path / "passwd"
+    path.write_bytes(secret)
+    with pytest.raises(ValueError) as e:
+        SafetensorsFile(path)
+    message = str(e.value).replace(str(path), "<path>")
+    assert message.startswith("<path>: ")
+    for chunk in (b"root", b"SECRET", b"bash"):
+        assert chunk.decode() not in message
+    head = int.from_bytes(secret[:8], "little")
+    if head > 100:  # a large length field is the first 8 bytes, reversibly
+        assert str(head) not in message
 
 
 def test_unknown_key_and_unstorable_dtype():
