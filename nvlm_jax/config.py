@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Literal
 
@@ -20,6 +21,27 @@ QWEN2_IMAGE_CONTEXT_TOKEN_ID = 151654
 # The NVLM release pads the 25-head InternViT-6B to 32 heads with zero heads so that heads
 # shard 8 ways. This is hard-coded in its modelling code, not stored in config.json.
 NVLM_VIT_DUMMY_HEADS = 7
+
+
+def _check_fields(obj: Any, what: str, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Named errors for values of the wrong type (JSON strings, bools for ints, NaN) or range.
+
+    Types come from the field annotations: "int" (not bool), "float" (any finite real), "bool"."""
+    for field in dataclasses.fields(obj):
+        value, kind = getattr(obj, field.name), str(field.type)
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{what}.{field.name} must be an integer, got {type(value).__name__} {value!r}")
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                or not math.isfinite(value)):
+            raise ValueError(f"{what}.{field.name} must be a finite number, got {type(value).__name__} {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{what}.{field.name} must be true or false, got {type(value).__name__} {value!r}")
+    for name in positive:
+        if not getattr(obj, name) > 0:
+            raise ValueError(f"{what}.{name} must be > 0, got {getattr(obj, name)!r}")
+    for name in non_negative:
+        if not getattr(obj, name) >= 0:
+            raise ValueError(f"{what}.{name} must be >= 0, got {getattr(obj, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +68,9 @@ class VisionConfig:
     interpolate_pos_embed: bool = False
 
     def __post_init__(self):
+        _check_fields(self, "vision", positive=("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                                "image_size", "patch_size", "num_channels", "norm_eps"),
+                      non_negative=("num_dummy_heads",))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -105,6 +130,11 @@ class LLMConfig:
     family: Literal["qwen2", "llama"] = "qwen2"
 
     def __post_init__(self):
+        _check_fields(self, "llm", positive=("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                             "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
+                                             "max_position_embeddings"))
+        if self.family not in ("qwen2", "llama"):
+            raise ValueError(f"llm family must be qwen2 or llama, got {self.family!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"llm num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -122,6 +152,11 @@ class ProjectorConfig:
     output_size: int = 8192
     num_layers: Literal[1, 2] = 2
     norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_fields(self, "projector", positive=("input_size", "hidden_size", "output_size", "norm_eps"))
+        if self.num_layers not in (1, 2):
+            raise ValueError(f"projector num_layers must be 1 or 2, got {self.num_layers!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +185,14 @@ class NVLMConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        _check_fields(self, "config", positive=("downsample_ratio", "max_tag_tokens", "max_tiles"),
+                      non_negative=("image_context_token_id",))
+        if self.xattn_every is not None and (isinstance(self.xattn_every, bool) or not isinstance(self.xattn_every, int)
+                                             or self.xattn_every < 1):
+            raise ValueError(f"config.xattn_every must be a positive integer or None, got {self.xattn_every!r}")
+        if self.image_context_token_id >= self.llm.vocab_size:
+            raise ValueError(f"config.image_context_token_id {self.image_context_token_id} is outside the vocabulary "
+                             f"of {self.llm.vocab_size} tokens")
         if self.ps_version not in ("v1", "v2"):
             raise ValueError(f"ps_version must be v1 or v2, got {self.ps_version!r}")
         scale = round(1 / self.downsample_ratio)
@@ -213,7 +256,22 @@ class NVLMConfig:
                     config = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"cannot read HF config {path}: {e}") from e
-        return _from_hf_dict(config, source, **overrides)
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+        try:
+            return _from_hf_dict(config, source, **overrides)
+        except (TypeError, ValueError) as e:
+            message = str(e)
+            raise ValueError(message if message.startswith(source) else f"{source}: {message}") from e
+
+
+def _as_float(value: Any) -> Any:
+    """JSON numbers as float (the field's type); anything else is left for the field check to name."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _positive_ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
 def _require(d: dict[str, Any], key: str, source: str) -> Any:
@@ -232,6 +290,9 @@ def _from_hf_dict(c: dict[str, Any], source: str, **overrides) -> NVLMConfig:
         )
     v = _require(c, "vision_config", source)
     lc = _require(c, "llm_config", source)
+    for key, value in (("vision_config", v), ("llm_config", lc)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {key} must be a JSON object, got {type(value).__name__}")
     llm_arch = (lc.get("architectures") or ["?"])[0]
     if llm_arch == "Qwen2ForCausalLM":
         family, default_bias = "qwen2", True
@@ -249,10 +310,10 @@ def _from_hf_dict(c: dict[str, Any], source: str, **overrides) -> NVLMConfig:
         num_layers=_require(lc, "num_hidden_layers", source),
         num_heads=n_heads,
         num_kv_heads=lc.get("num_key_value_heads", n_heads),
-        head_dim=lc.get("head_dim") or hidden // n_heads,
+        head_dim=lc.get("head_dim") or (hidden // n_heads if _positive_ints(hidden, n_heads) else None),
         intermediate_size=_require(lc, "intermediate_size", source),
         rms_norm_eps=lc.get("rms_norm_eps", 1e-6),
-        rope_theta=float(lc.get("rope_theta", 10000.0)),
+        rope_theta=_as_float(lc.get("rope_theta", 10000.0)),
         qkv_bias=lc.get("attention_bias", default_bias) if family == "llama" else True,
         tie_word_embeddings=bool(lc.get("tie_word_embeddings", False)),
         max_position_embeddings=lc.get("max_position_embeddings", 32768),
@@ -274,7 +335,9 @@ def _from_hf_dict(c: dict[str, Any], source: str, **overrides) -> NVLMConfig:
         layer_scale_init=v.get("initializer_factor", 0.1),
         select_layer=c.get("select_layer", -1),
     )
-    ratio = c.get("downsample_ratio", 0.5)
+    ratio = _as_float(c.get("downsample_ratio", 0.5))
+    if not isinstance(ratio, float) or not 0 < ratio <= 1:
+        raise ValueError(f"{source}: downsample_ratio must be a number in (0, 1], got {ratio!r}")
     scale = round(1 / ratio)
     projector = ProjectorConfig(
         input_size=vision.hidden_size * scale**2,

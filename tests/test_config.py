@@ -117,3 +117,44 @@ def test_xh_presets_have_ten_blocks_and_hand_computed_counts():
     assert x34.llm.num_layers // x34.xattn_every == 10
     assert C.param_count(x34) == d34 - mlp1_34 + 12800 * 7168 + 10 * block34
     assert C.param_count(h34) == d34 + 10 * block34
+
+
+def _release():
+    with open(REF_CONFIG) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("where, key, value, message", [
+    ("llm_config", "hidden_size", "64", r"llm.hidden_size must be an integer, got str '64'"),
+    ("llm_config", "rope_theta", -1.0, r"llm.rope_theta must be > 0, got -1.0"),
+    ("llm_config", "rms_norm_eps", -1e-6, r"llm.rms_norm_eps must be > 0"),
+    ("llm_config", "rms_norm_eps", "1e-6", r"llm.rms_norm_eps must be a finite number, got str"),
+    ("llm_config", "vocab_size", True, r"llm.vocab_size must be an integer, got bool"),
+    ("llm_config", "num_hidden_layers", 0, r"llm.num_layers must be > 0"),
+    ("vision_config", "hidden_size", 3200.5, r"vision.hidden_size must be an integer, got float"),
+    ("vision_config", "layer_norm_eps", float("nan"), r"vision.norm_eps must be a finite number"),
+    (None, "max_dynamic_patch", 0, r"config.max_tiles must be > 0"),
+    (None, "use_thumbnail", "yes", None),  # bool() of the release's flag: any JSON truthy value is accepted
+    (None, "llm_config", [1], r"llm_config must be a JSON object, got list"),
+])
+def test_from_hf_names_bad_value_types_and_ranges(tmp_path, where, key, value, message):
+    d = _release()
+    (d[where] if where else d)[key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    if message is None:
+        C.NVLMConfig.from_hf(path)
+        return
+    with pytest.raises(ValueError, match=message) as e:
+        C.NVLMConfig.from_hf(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_direct_configs_are_checked_too():
+    with pytest.raises(ValueError, match="vision.patch_size must be > 0"):
+        C.VisionConfig(patch_size=0)
+    with pytest.raises(ValueError, match="projector num_layers must be 1 or 2"):
+        C.ProjectorConfig(num_layers=3)
+    with pytest.raises(ValueError, match="image_context_token_id 999 is outside the vocabulary of 999"):
+        C.tiny("D").replace(image_context_token_id=999, llm=C.tiny("D").llm.__class__(
+            **{**C.tiny("D").llm.__dict__, "vocab_size": 999}))
