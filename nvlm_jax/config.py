@@ -190,9 +190,6 @@ class NVLMConfig:
         if self.xattn_every is not None and (isinstance(self.xattn_every, bool) or not isinstance(self.xattn_every, int)
                                              or self.xattn_every < 1):
             raise ValueError(f"config.xattn_every must be a positive integer or None, got {self.xattn_every!r}")
-        if self.image_context_token_id >= self.llm.vocab_size:
-            raise ValueError(f"config.image_context_token_id {self.image_context_token_id} is outside the vocabulary "
-                             f"of {self.llm.vocab_size} tokens")
         if self.ps_version not in ("v1", "v2"):
             raise ValueError(f"ps_version must be v1 or v2, got {self.ps_version!r}")
         scale = round(1 / self.downsample_ratio)
