@@ -292,7 +292,7 @@ class NVLMModel:
             self.tokenizer, question, num_tiles, history, system_message=system_message, arch=c.arch,
             tokens_per_tile=c.num_image_tokens, use_thumbnail=c.use_thumbnail,
         )
-        cross = cross_attention_ids(prompt, self.tokenizer) if c.arch in ("X", "H") else None
+        cross = cross_attention_ids(prompt) if c.arch in ("X", "H") else None
         return ChatInputs(question, prompt, pixels, cross)
 
     def chat(

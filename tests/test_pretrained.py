@@ -111,8 +111,7 @@ def test_prepare_chat_cross_ids_equal_the_training_pipeline(arch, tmp_path):
     inputs = model.prepare_chat([pixels[:1], pixels[1:]], "Literal <Image></Image> text, then compare.")
     assert inputs.prompt.num_tiles == (1, 3)
     sample = transforms.EncodedSample("s", "r", inputs.prompt, pixels, inputs.prompt.num_tiles)
-    example = transforms.MakeTargets(tok, seq_len=4096, image_context_token_id=cfg.image_context_token_id,
-                                     pad_id=0).map(sample)
+    example = transforms.MakeTargets(seq_len=4096, pad_id=0).map(sample)
     ids = inputs.cross_ids
     np.testing.assert_array_equal(ids.token_image, example.token_image)
     np.testing.assert_array_equal(ids.token_tile, example.token_tile)

@@ -13,11 +13,19 @@ stage 2 starts from the stage-1 result. Training runs in bf16 with float32 maste
 optimizer state, full rematerialisation, and tensor parallelism 8 (as the paper's TP 8).
 Pretraining data: Table 4's blend; SFT: Table 6's blend (see `nvlm_jax.data.blends`) under
 `data.root`. Paper-scale held-out evaluation is left to `nvlm_jax.eval` (eval.samples_per_task=0).
+
+Tiles (Table 10's "# tiles"): NVLM-D/X pretrain at low resolution, every image resized to ONE
+448-px tile (`data.max_tiles=1`: no grid, no thumbnail, one tile slot per row); NVLM-H pretraining
+and every SFT use dynamic high resolution with the model's 6 tiles + thumbnail (7 slots per row).
+SFT prompts use the paper's SFT system message (App. E); pretraining the release's.
 """
 
 from ml_collections import ConfigDict
 
-# (stage, arch) -> Table 10 (pretrain) / Table 11 (SFT). Batch sizes are global.
+SFT_SYSTEM_MESSAGE = "Follow the user's instruction and answer questions."  # as nvlm_jax.data.blends
+
+# (stage, arch) -> Table 10 (pretrain) / Table 11 (SFT). Batch sizes are global; tiles: tile
+# slots per row (1: every image is one tile; 7: up to 6 tiles + thumbnail).
 # lr: (max, min); betas: (b1, b2); batch / min LR may depend on the size (34b, 72b).
 TABLES = {
     ("pretrain", "D"): dict(batch=2048, lr=(1e-4, 2.5e-5), warmup=500, betas=(0.9, 0.95), wd=0.1, clip=10.0,
@@ -87,8 +95,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # ("1d" as released, "none", "2d_grid", "2d_bbox"), the tile budget (0 = the model's max_tiles)
     # and the ChatML system message ("" = no system turn).
     c.data.tag_style = "1d"
-    c.data.max_tiles = 0
-    c.data.system_message = "Answer the questions."
+    c.data.max_tiles = 1 if t["tiles"] == 1 else 0
+    c.data.system_message = SFT_SYSTEM_MESSAGE if stage == "sft" else "Answer the questions."
     c.data.seed = 0
     c.data.num_shards = 0  # 0: one data shard per process (see nvlm_jax.train.multihost)
 

@@ -184,7 +184,7 @@ def blend_data_config(
         opened only when a pipeline is built.
       overrides: `{dataset: source spec}` for datasets stored elsewhere or in another format;
         the spec's name and weight are replaced by the dataset's.
-      **data_config_kwargs: other `DataConfig` fields (packing, num_workers, system_message, ...).
+      **data_config_kwargs: other `DataConfig` fields (packing, num_workers, prompt_format, ...).
     """
     overrides = dict(overrides or {})
     weights = blend_weights(blend)
@@ -208,6 +208,7 @@ def pretrain_data_config(root: str, **kwargs: Any) -> DataConfig:
 
 
 def sft_data_config(root: str, **kwargs: Any) -> DataConfig:
-    """Table 6's SFT blend over `root`, with the paper's SFT system message unless given."""
-    kwargs.setdefault("system_message", SFT_SYSTEM_MESSAGE)
+    """Table 6's SFT blend over `root` (see `blend_data_config`). The paper's SFT system message
+    (`SFT_SYSTEM_MESSAGE`) is part of the run's prompt format (`prompt_format=...`; the paper's
+    SFT run configs set it), so that the checkpoint records the message it was trained with."""
     return blend_data_config(SFT_BLEND, root, **kwargs)

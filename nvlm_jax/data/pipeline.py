@@ -34,11 +34,11 @@ from absl import flags, logging
 
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.data import batch as batch_lib
-from nvlm_jax.data import mixture, packing, sources
+from nvlm_jax.data import mixture, packing, parsing, sources
 from nvlm_jax.data import transforms as tr
-from nvlm_jax.processing import prompt as prompt_lib
 from nvlm_jax.processing import tiling
 from nvlm_jax.processing import tokenizer as tokenizer_lib
+from nvlm_jax.processing.prompt_format import PromptFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,10 @@ class DataConfig:
       shuffle: shuffle each source (per epoch; seeded from the pipeline seed and the source name).
       num_epochs: passes over each source; None repeats forever (training). The mixture ends when
         any source ends; the last batch is completed with empty rows.
-      tag_style: tile tags ("1d" as released; "none", "2d_grid", "2d_bbox" for ablations).
-      system_message: the ChatML system turn (None: no system turn).
+      prompt_format: how prompts are written: tile budget (`max_tiles`, the stage's: 1 resizes
+        every image to one tile), thumbnail rule, tile tags, tokens per tile, system message.
+        None: `PromptFormat.for_model(model_cfg)` (the model's budget, release tags and system
+        message). Its `tokens_per_tile` must be the model's `num_image_tokens`.
       max_pixels: refuse larger images (decompression bombs) as corrupt.
       max_skip_rate: fraction of a source's records that may be skipped before the run stops.
       min_samples_for_skip_check: records of a source to see before its skip rate is checked.
@@ -73,8 +75,7 @@ class DataConfig:
     read_threads: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
-    tag_style: str = "1d"
-    system_message: str | None = prompt_lib.DEFAULT_SYSTEM_MESSAGE
+    prompt_format: PromptFormat | None = None
     max_pixels: int | None = tiling.DEFAULT_MAX_PIXELS
     max_skip_rate: float = 0.1
     min_samples_for_skip_check: int = 100
@@ -93,7 +94,8 @@ class DataConfig:
             raise ValueError("num_workers and read_threads must be >= 0 and num_packing_bins >= 1")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
-        prompt_lib.ImageTokenFormat(tag_style=self.tag_style)
+        if self.prompt_format is not None and not isinstance(self.prompt_format, PromptFormat):
+            raise ValueError(f"prompt_format must be a PromptFormat or None, got {type(self.prompt_format).__name__}")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -314,38 +316,50 @@ class DataIterator:
         self.close()
 
 
+def prompt_format_for(model_cfg: NVLMConfig, fmt: PromptFormat | None = None) -> PromptFormat:
+    """`fmt` (None: `PromptFormat.for_model(model_cfg)`), checked against the model: its tokens
+    per tile must be the model's `num_image_tokens`."""
+    fmt = fmt or PromptFormat.for_model(model_cfg)
+    if fmt.tokens_per_tile != model_cfg.num_image_tokens:
+        raise ValueError(
+            f"prompt_format.tokens_per_tile={fmt.tokens_per_tile} but the model makes "
+            f"{model_cfg.num_image_tokens} image tokens per tile"
+        )
+    return fmt
+
+
 def _record_settings(data_cfg: DataConfig) -> dict[str, Any]:
     """The `DataConfig` fields the per-record transforms read."""
-    return dict(system_message=data_cfg.system_message, tag_style=data_cfg.tag_style, max_pixels=data_cfg.max_pixels)
+    return dict(fmt=data_cfg.prompt_format, max_pixels=data_cfg.max_pixels)
 
 
 def record_transforms(model_cfg: NVLMConfig, tokenizer: Any, *, seq_len: int, tiles_per_row: int, pad_id: int,
-                      system_message: str | None = prompt_lib.DEFAULT_SYSTEM_MESSAGE, tag_style: str = "1d",
+                      fmt: PromptFormat | None = None,
                       max_pixels: int | None = tiling.DEFAULT_MAX_PIXELS) -> list[grain.transforms.Map]:
-    """The per-record steps of every pipeline, after parsing: validate, load and tile images,
-    encode the conversation, make the targets (keywords as in `DataConfig`). One-off callers
-    (`record_batch`) use the same list, so a question asked of a trained model is encoded
-    exactly as its training data was."""
+    """The per-record steps of every pipeline, after parsing: validate, load and tile images
+    (the prompt format's tile budget and thumbnail rule), encode the conversation (its tags,
+    tokens per tile and system message), make the targets. `fmt`: see `prompt_format_for`;
+    other keywords as in `DataConfig`. One-off callers (`record_batch`) use the same list, so a
+    question asked of a trained model is encoded exactly as its training data was."""
+    fmt = prompt_format_for(model_cfg, fmt)
     return [
         tr.ValidateConversation(),
         tr.LoadImages(max_pixels),
-        tr.TileImages(model_cfg.vision.image_size, model_cfg.max_tiles, model_cfg.use_thumbnail, tiles_per_row),
-        tr.EncodeConversation(tokenizer, arch=model_cfg.arch, tokens_per_tile=model_cfg.num_image_tokens,
-                              tag_style=tag_style, use_thumbnail=model_cfg.use_thumbnail,
-                              system_message=system_message),
-        tr.MakeTargets(tokenizer, seq_len=seq_len, image_context_token_id=model_cfg.image_context_token_id,
-                       pad_id=pad_id),
+        tr.TileImages(model_cfg.vision.image_size, fmt.max_tiles, fmt.use_thumbnail, tiles_per_row),
+        tr.EncodeConversation(tokenizer, arch=model_cfg.arch, fmt=fmt),
+        tr.MakeTargets(seq_len=seq_len, pad_id=pad_id),
     ]
 
 
 def record_batch(record: Mapping[str, Any], model_cfg: NVLMConfig, tokenizer: Any, *, seq_len: int,
                  tiles_per_row: int, data_cfg: DataConfig | None = None, what: str = "record") -> dict[str, np.ndarray]:
     """One record (`{"conversations": [...], "images": [...]}`) as a one-row batch with the
-    pipeline's transforms (settings from `data_cfg`, default `DataConfig`'s) and batch layout; a
-    record the pipeline would skip is a ValueError naming `what` and the reason."""
+    pipeline's transforms (settings, the prompt format included, from `data_cfg`; None: the
+    model's defaults) and batch layout; a record the pipeline would skip is a ValueError naming
+    `what` and the reason."""
     pad_id = tokenizer_lib.get_special_tokens(tokenizer).endoftext
     settings = _record_settings(data_cfg) if data_cfg is not None else {}
-    element = tr.ParseRecordDict(what).map((what, record))
+    element = parsing.ParseRecordDict(what).map((what, record))
     for transform in record_transforms(model_cfg, tokenizer, seq_len=seq_len, tiles_per_row=tiles_per_row,
                                        pad_id=pad_id, **settings):
         element = transform.map(element)
@@ -428,9 +442,9 @@ def make_pipeline(
     Args:
       data_cfg: sources with weights, packing, workers, skip thresholds (`DataConfig`).
       model_cfg: the model config: arch (D packs; X/H one sample per row), tile size
-        (`vision.image_size`), tokens per tile (`num_image_tokens`), `max_tiles`,
-        `use_thumbnail`, `image_context_token_id` (must be the tokenizer's `<|vision_pad|>`; see
-        `config_for_tokenizer`).
+        (`vision.image_size`), tokens per tile (`num_image_tokens`), `image_context_token_id`
+        (must be the tokenizer's `<|vision_pad|>`; see `config_for_tokenizer`); the tile budget
+        and thumbnail rule come from `data_cfg.prompt_format` (default: the model's).
       tokenizer: from `processing.load_tokenizer` (or a `tokenizers.Tokenizer`).
       split: split name every source must have ("train", "eval", ...).
       seed: shuffling seed.

@@ -2,8 +2,8 @@
 
 Each source spec (a frozen dataclass with a `name` and a mixture `weight`) knows how to open
 one split as a random-access data source (`__len__`, `__getitem__`; what `grain.MapDataset.source`
-takes) and which parse transform turns its payloads into `transforms.RawSample`. The label names
-the record in skip messages and errors (`/data/coco/train.jsonl:17`).
+takes) and which parse transform (`parsing.py`) turns its payloads into `transforms.RawSample`.
+The label names the record in skip messages and errors (`/data/coco/train.jsonl:17`).
 
 * `JsonlSource` — LLaVA / InternVL JSONL: one JSON object per line,
   `{"image": path | [paths], "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`;
@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -32,8 +33,7 @@ import grain
 import msgpack
 import numpy as np
 
-from nvlm_jax.data import synthetic
-from nvlm_jax.data import transforms as tr
+from nvlm_jax.data import parsing, synthetic
 
 _SCAN_CHUNK = 1 << 26  # bytes per chunk when indexing JSONL line offsets
 
@@ -110,7 +110,9 @@ class JsonlDataSource:
     """Random access to the non-blank lines of a JSONL file: item i is `("path:line", bytes)`.
 
     Reads with `os.pread` on a descriptor opened lazily per process, so it is thread-safe and
-    picklable (for `mp_prefetch` workers).
+    picklable (for `mp_prefetch` workers). The descriptor is closed by `close()`, when the source
+    is garbage collected, or at interpreter exit (a `weakref.finalize`, which still works while
+    the interpreter shuts down, unlike `__del__`).
     """
 
     def __init__(self, path: str):
@@ -120,11 +122,12 @@ class JsonlDataSource:
         self._starts, self._lengths, self._lines = index_lines(self.path)
         self._fd: int | None = None
         self._pid: int | None = None
+        self._closer: weakref.finalize | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_fd=None, _pid=None, _lock=None)
+        state.update(_fd=None, _pid=None, _closer=None, _lock=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -135,9 +138,19 @@ class JsonlDataSource:
         if self._fd is None or self._pid != os.getpid():
             with self._lock:
                 if self._fd is None or self._pid != os.getpid():
-                    self._fd = os.open(self.path, os.O_RDONLY)
-                    self._pid = os.getpid()
+                    # A forked child opens its own descriptor; the inherited one is closed by
+                    # the parent's finalizer, copied into the child, when the child exits.
+                    fd = os.open(self.path, os.O_RDONLY)
+                    self._fd, self._pid = fd, os.getpid()
+                    self._closer = weakref.finalize(self, os.close, fd)
         return self._fd
+
+    def close(self) -> None:
+        """Closes this process's descriptor (a later read opens it again)."""
+        with self._lock:
+            if self._closer is not None and self._pid == os.getpid():
+                self._closer()
+            self._fd = self._pid = self._closer = None
 
     def __len__(self) -> int:
         return int(self._starts.shape[0])
@@ -146,10 +159,6 @@ class JsonlDataSource:
         i = index % len(self)
         data = os.pread(self._descriptor(), int(self._lengths[i]), int(self._starts[i]))
         return f"{self.path}:{int(self._lines[i])}", data
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"JsonlDataSource({self.path!r}, records={len(self)})"
@@ -177,11 +186,11 @@ class JsonlSource:
     def open(self, split: str, *, tile_size: int = 448) -> JsonlDataSource:
         return JsonlDataSource(_split_path(self.name, self.paths, split))
 
-    def parser(self, split: str = "train") -> tr.ParseJsonLine:
+    def parser(self, split: str = "train") -> parsing.ParseJsonLine:
         root = self.image_root
         if root is None and split in self.paths:
             root = os.path.dirname(os.path.abspath(self.paths[split]))
-        return tr.ParseJsonLine(self.name, root)
+        return parsing.ParseJsonLine(self.name, root)
 
 
 def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> str:
@@ -257,8 +266,8 @@ class ArrayRecordSource:
     def open(self, split: str, *, tile_size: int = 448) -> ArrayRecordDataSource:
         return ArrayRecordDataSource(_split_path(self.name, self.paths, split))
 
-    def parser(self, split: str = "train") -> tr.ParseMsgpackRecord:
-        return tr.ParseMsgpackRecord(self.name, self.image_root)
+    def parser(self, split: str = "train") -> parsing.ParseMsgpackRecord:
+        return parsing.ParseMsgpackRecord(self.name, self.image_root)
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,7 +313,7 @@ class TfdsSource:
       splits: our split name -> the TFDS split (e.g. `{"train": "train", "eval": "validation"}`).
       image_key: the image feature (bytes, array, or a sequence of them); None for text-only.
       question_key, answer_key, question_template, conversations_key: see
-        `transforms.ParseTfdsExample`.
+        `parsing.ParseTfdsExample`.
     """
 
     name: str
@@ -324,8 +333,8 @@ class TfdsSource:
     def open(self, split: str, *, tile_size: int = 448) -> TfdsDataSource:
         return TfdsDataSource(self.tfds_name, _split_path(self.name, self.splits, split), self.data_dir, self.image_key)
 
-    def parser(self, split: str = "train") -> tr.ParseTfdsExample:
-        return tr.ParseTfdsExample(
+    def parser(self, split: str = "train") -> parsing.ParseTfdsExample:
+        return parsing.ParseTfdsExample(
             self.name,
             image_key=self.image_key,
             question_key=self.question_key,
@@ -373,5 +382,5 @@ class SyntheticSource:
             self.task, split, size, seed=self.seed, image_spec=self.image_spec, tile_size=tile_size
         )
 
-    def parser(self, split: str = "train") -> tr.ParseRecordDict:
-        return tr.ParseRecordDict(self.name)
+    def parser(self, split: str = "train") -> parsing.ParseRecordDict:
+        return parsing.ParseRecordDict(self.name)

@@ -1,17 +1,22 @@
 """Host-side preprocessing: image tiling, chat prompts, tokenization (NumPy / Pillow only)."""
 
-from nvlm_jax.processing.prompt import (
+from nvlm_jax.processing.chat_template import (
     IMAGE,
     IMAGE_PLACEHOLDER,
-    EncodedPrompt,
     ImageTokenFormat,
     build_prompt,
-    build_training_example,
-    encode_prompt,
     expand_image_placeholders,
     image_token_count,
     tile_tags,
 )
+from nvlm_jax.processing.prompt import (
+    CrossAttentionIds,
+    EncodedPrompt,
+    build_training_example,
+    cross_attention_ids,
+    encode_prompt,
+)
+from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.processing.tiling import (
     ImageLoadError,
     TiledImage,
@@ -32,13 +37,16 @@ from nvlm_jax.processing.tokenizer import (
 __all__ = [
     "IMAGE",
     "IMAGE_PLACEHOLDER",
+    "CrossAttentionIds",
     "EncodedPrompt",
     "ImageLoadError",
     "ImageTokenFormat",
+    "PromptFormat",
     "SpecialTokens",
     "TiledImage",
     "build_prompt",
     "build_training_example",
+    "cross_attention_ids",
     "encode_prompt",
     "expand_image_placeholders",
     "get_special_tokens",

@@ -156,34 +156,37 @@ def load_tokenizer(c):
 # ---- data ----------------------------------------------------------------------------------------
 
 
-def data_config(c, *, packing: bool | None = None, only: str | None = None, eval_size: int | None = None):
-    """The `DataConfig` of run config `c` (optionally one source only, for evaluation)."""
+def data_config(c, cfg: NVLMConfig, *, packing: bool | None = None, only: str | None = None,
+                eval_size: int | None = None):
+    """The `DataConfig` of run config `c` for model `cfg` (optionally one source only, for
+    evaluation); its prompt format is `prompt_format(c, cfg)`, the one saved with the run."""
     from nvlm_jax.data import blends, sources
     from nvlm_jax.data.pipeline import DataConfig, synthetic_data_config
 
     d = c.data
+    fmt = prompt_format(c, cfg)
     kwargs = dict(packing=d.packing if packing is None else packing, num_workers=d.num_workers,
-                  read_threads=d.read_threads)
+                  read_threads=d.read_threads, prompt_format=fmt)
     if d.kind == "synthetic":
-        cfg = synthetic_data_config(dict(d.tasks), train_size=d.train_size, eval_size=eval_size or d.eval_size,
-                                    seed=d.seed, **kwargs)
+        data_cfg = synthetic_data_config(dict(d.tasks), train_size=d.train_size, eval_size=eval_size or d.eval_size,
+                                         seed=d.seed, **kwargs)
     elif d.kind in ("pretrain_blend", "sft_blend"):
         if not d.root:
             raise ValueError(f"data.kind {d.kind!r} needs data.root (a folder of <dataset>/<split>.jsonl)")
         make = blends.pretrain_data_config if d.kind == "pretrain_blend" else blends.sft_data_config
-        cfg = make(d.root, **kwargs)
+        data_cfg = make(d.root, **kwargs)
     else:
         raise ValueError(f"data.kind must be 'synthetic', 'pretrain_blend' or 'sft_blend', got {d.kind!r}")
     if only is not None:
-        spec = [s for s in cfg.sources if s.name == only]
+        spec = [s for s in data_cfg.sources if s.name == only]
         if not spec:
-            raise ValueError(f"eval task {only!r} is not a data source; sources: {[s.name for s in cfg.sources]}")
+            raise ValueError(f"eval task {only!r} is not a data source; sources: {[s.name for s in data_cfg.sources]}")
         src = spec[0]
         if eval_size is not None and isinstance(src, sources.SyntheticSource):
             src = dataclasses.replace(src, eval_size=eval_size)
-        cfg = DataConfig(sources=(dataclasses.replace(src, weight=1.0),), packing=False, shuffle=False,
-                         num_epochs=1, num_workers=0, system_message=cfg.system_message)
-    return cfg
+        data_cfg = DataConfig(sources=(dataclasses.replace(src, weight=1.0),), packing=False, shuffle=False,
+                              num_epochs=1, num_workers=0, prompt_format=fmt)
+    return data_cfg
 
 
 def train_iterator(c, cfg: NVLMConfig, tokenizer):
@@ -194,7 +197,7 @@ def train_iterator(c, cfg: NVLMConfig, tokenizer):
 
     d = c.data
     num_shards = d.get("num_shards", 0) or jax.process_count()
-    data_cfg = data_config(c)
+    data_cfg = data_config(c, cfg)
     iterators = {}
     try:
         for index in multihost.process_shards(num_shards):
@@ -219,7 +222,7 @@ def eval_batches(c, cfg: NVLMConfig, tokenizer) -> dict[str, list[dict]]:
     out = {}
     for task in tasks:
         it = make_pipeline(
-            data_config(c, only=task, eval_size=e.samples_per_task), cfg, tokenizer, split="eval", seed=d.seed,
+            data_config(c, cfg, only=task, eval_size=e.samples_per_task), cfg, tokenizer, split="eval", seed=d.seed,
             batch_size=e.batch_size, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
         )
         batches, rows = [], 0
@@ -359,7 +362,7 @@ def question_batch(c, cfg: NVLMConfig, tokenizer, image, question: str) -> dict:
                                 {"from": "gpt", "value": "?"}],
               "images": [image] if image is not None else []}
     return record_batch(record, cfg, tokenizer, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
-                        data_cfg=data_config(c), what="question")
+                        data_cfg=data_config(c, cfg), what="question")
 
 
 def ask(run: Run, params, image, question: str, max_new_tokens: int = 16) -> str:

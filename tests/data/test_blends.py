@@ -72,7 +72,7 @@ def test_blend_config_points_every_dataset_at_user_files(tmp_path):
     assert vg.paths["train"] == os.path.join(str(tmp_path), "visual_genome", "train.jsonl")
     assert not cfg.packing and cfg.weights == blends.blend_weights(blends.PRETRAIN_BLEND)
     sft = blends.sft_data_config(str(tmp_path))
-    assert sft.system_message == blends.SFT_SYSTEM_MESSAGE
+    assert sft.weights == blends.blend_weights(blends.SFT_BLEND) and sft.prompt_format is None
 
 
 def test_overrides_point_a_dataset_at_tfds_and_unknown_names_are_refused(tmp_path):

@@ -15,6 +15,7 @@ from nvlm_jax.data import pipeline as pl
 from nvlm_jax.data import transforms as tr
 from nvlm_jax.data.batch import check_batch_semantics, validate_batch
 from nvlm_jax.processing import get_special_tokens, load_tokenizer, make_tiny_tokenizer
+from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.processing.tokenizer import decode
 
 SEQ, TILES = 192, 12
@@ -313,6 +314,32 @@ def test_bad_pipeline_arguments_are_refused(tok, cfgs, kwargs, match):
         _pipe(_mixed(), cfgs["D"], tok, **kwargs)
 
 
+def test_the_prompt_formats_tile_budget_decides_the_tiling(tok, cfgs, tmp_path):
+    """A one-tile row budget with the model's 6-tile budget skips a 3:1 image; a prompt format
+    with `max_tiles=1` (stage-1 pretraining) resizes it to one tile instead."""
+    (tmp_path / "wide.png").write_bytes(_png((84, 28)))  # 3:1 -> a 3x1 grid + thumbnail under 6 tiles
+    record = {"images": [str(tmp_path / "wide.png")], "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "green"}]}
+    path = sources.write_jsonl(str(tmp_path / "wide.jsonl"), [record] * 4)
+    model_budget = pl.DataConfig(sources=(sources.JsonlSource("wide", {"train": path}),), num_epochs=1, packing=False)
+    with pytest.raises(ValueError, match="too_many_tiles: 4 tiles"):
+        pl.record_batch(record, cfgs["D"], tok, seq_len=SEQ, tiles_per_row=1, data_cfg=model_budget)
+    one_tile = dataclasses.replace(model_budget, prompt_format=PromptFormat.for_model(cfgs["D"], max_tiles=1))
+    it = _pipe(one_tile, cfgs["D"], tok, batch_size=1, tiles=1)
+    batch = next(it)
+    assert batch["pixel_values"].shape[1:] == (1, 28, 28, 3) and batch["tile_valid"].all()
+    assert (batch["input_ids"] == cfgs["D"].image_context_token_id).sum() == cfgs["D"].num_image_tokens
+    assert "<tile_global_thumbnail>" in decode(tok, batch["input_ids"][0]) and not it.skip_counts
+
+
+def test_a_prompt_format_for_another_tile_size_is_refused(tok, cfgs):
+    data = _mixed(prompt_format=PromptFormat(tokens_per_tile=256))
+    with pytest.raises(ValueError, match="tokens_per_tile=256 but the model makes 4 image tokens per tile"):
+        _pipe(data, cfgs["D"], tok)
+    with pytest.raises(ValueError, match="prompt_format must be a PromptFormat"):
+        _mixed(prompt_format={"max_tiles": 1})
+
+
 def test_data_config_checks_names_and_weights():
     with pytest.raises(ValueError, match="unique"):
         pl.DataConfig(sources=(sources.SyntheticSource("colour"), sources.SyntheticSource("colour")))
@@ -366,18 +393,22 @@ def test_resume_is_exact_with_skipped_records_in_the_stream(tok, cfgs, messy_jso
 @pytest.mark.parametrize("arch", "DXH")
 def test_record_batch_encodes_a_record_exactly_as_the_pipeline(tok, cfgs, tmp_path, arch):
     """`record_batch` (asking a trained model, attribution maps) must see what training saw,
-    the data config's tag style and system message included."""
+    the data config's prompt format (tags, tile budget, system message) included."""
     image = tmp_path / "im.png"
     image.write_bytes(_png((60, 30)))
     record = {"conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "green"}],
               "images": [str(image)]}
     path = str(tmp_path / "one.jsonl")
     sources.write_jsonl(path, [record])
+    fmt = PromptFormat.for_model(cfgs[arch], tag_style="2d_grid", max_tiles=2, system_message="Be brief.")
     data = pl.DataConfig(sources=(sources.JsonlSource("one", {"train": path}),), num_epochs=1, packing=False,
-                         shuffle=False, tag_style="2d_grid", system_message="Be brief.")
+                         shuffle=False, prompt_format=fmt)
     (from_pipeline,) = list(_pipe(data, cfgs[arch], tok, batch_size=1))
     alone = pl.record_batch(record, cfgs[arch], tok, seq_len=SEQ, tiles_per_row=TILES, data_cfg=data)
     _assert_equal_batches(alone, from_pipeline)
+    assert alone["tile_valid"].sum() == 3  # 2x1 grid + thumbnail under the budget of 2
+    text = decode(tok, alone["input_ids"][0])
+    assert "Be brief." in text and "<tile_x2_y1>" in text
     with pytest.raises(ValueError, match="cannot encode the question"):
         pl.record_batch({"conversations": [{"from": "human", "value": "hi"}], "images": [str(image)]}, cfgs[arch],
                         tok, seq_len=SEQ, tiles_per_row=TILES, what="question")

@@ -6,6 +6,7 @@ from PIL import Image
 
 from nvlm_jax.data import transforms as tr
 from nvlm_jax.processing import get_special_tokens, load_tokenizer, make_tiny_tokenizer
+from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.processing.tokenizer import decode
 
 
@@ -36,8 +37,8 @@ def _example(tok, special, conversation, images=(), *, arch="D", tag_style="1d",
         tr.ValidateConversation(),
         tr.LoadImages(),
         tr.TileImages(28, 6, True, tiles),
-        tr.EncodeConversation(tok, arch=arch, tokens_per_tile=4, tag_style=tag_style),
-        tr.MakeTargets(tok, seq_len=seq_len, image_context_token_id=special.vision_pad, pad_id=special.endoftext),
+        tr.EncodeConversation(tok, arch=arch, fmt=PromptFormat(tag_style=tag_style, tokens_per_tile=4)),
+        tr.MakeTargets(seq_len=seq_len, pad_id=special.endoftext),
     ]
     for t in chain:
         element = t.map(element)
@@ -49,7 +50,7 @@ def _img(w=28, h=28, colour=(0, 0, 255)):
 
 
 # ------------------------------------------------------------------------------------------
-# Parsing and validation.
+# Validation.
 
 
 @pytest.mark.parametrize(
@@ -78,25 +79,6 @@ def test_validate_conversation_keeps_good_samples_and_passes_skips_through():
     skip = tr.Skipped("s", "r", tr.TOO_LONG)
     for t in (tr.ValidateConversation(), tr.LoadImages(), tr.TileImages(28, 6, True, 4)):
         assert t.map(skip) is skip
-
-
-def test_parse_json_line_reports_invalid_json_and_missing_fields():
-    parse = tr.ParseJsonLine("coco", "/root")
-    bad = parse.map(("f.jsonl:3", b"{not json"))
-    assert bad.reason == tr.MALFORMED_RECORD and "invalid JSON" in bad.detail and bad.record == "f.jsonl:3"
-    assert parse.map(("f:4", b'{"image": "a.png"}')).detail == "no 'conversations' field"
-    assert "not a list" in parse.map(("f:5", b'{"conversations": "hi"}')).detail
-    ok = parse.map(("f:6", b'{"image": null, "conversations": [{"from": "human", "value": "q"}]}'))
-    assert isinstance(ok, tr.RawSample) and ok.images == ()
-
-
-def test_parse_tfds_example_uses_the_first_of_several_answers():
-    parse = tr.ParseTfdsExample("vqa", question_template="Q: {question}")
-    sample = parse.map(("l", {"image": b"png", "question": b"why?", "answer": np.array([b"a1", b"a2"], object)}))
-    assert sample.conversation[0]["value"] == "<image>\nQ: why?"
-    assert sample.conversation[1]["value"] == "a1" and sample.images == (b"png",)
-    missing = parse.map(("l", {"image": b"png", "question": b"q"}))
-    assert missing.reason == tr.MALFORMED_RECORD and "answer" in missing.detail
 
 
 # ------------------------------------------------------------------------------------------
@@ -187,15 +169,24 @@ def test_two_images_get_increasing_indices_in_every_arch(tok, special):
         assert decode(tok, ex.targets[ex.loss_mask]) == "no<|im_end|>yes<|im_end|>"
 
 
-def test_cross_attention_arch_without_tags_finds_images_by_text(tok, special):
+def test_cross_attention_arch_without_tags_is_not_confused_by_typed_image_markup(tok, special):
     conv = _turns(("<image>\nWhat?", "red"))
     ex = _example(tok, special, conv, (_img(),), arch="X", tag_style="none")
     assert not (ex.input_ids == special.vision_pad).any() and (ex.token_tile == -1).all()
     first = int(np.flatnonzero(ex.token_image == 0)[0])
     assert decode(tok, ex.input_ids[first:]).startswith("<Image></Image>")
+    # The user types the very text NVLM-X writes for an untagged image: it stays text.
     tricky = _turns(("Is <Image></Image> empty? <image>", "yes"))
-    skipped = _example(tok, special, tricky, (_img(),), arch="X", tag_style="none")
-    assert skipped.reason == tr.AMBIGUOUS_IMAGE_MARKER
+    ex = _example(tok, special, tricky, (_img(),), arch="X", tag_style="none")
+    assert isinstance(ex, tr.Example)
+    rendered = ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
+                "Is <Image></Image> empty? <Image></Image><|im_end|><|im_start|>assistant\nyes<|im_end|>")
+    assert ex.input_ids.tolist() == tok(rendered, add_special_tokens=False).input_ids
+    first = int(np.flatnonzero(ex.token_image == 0)[0])
+    assert decode(tok, ex.input_ids[:first]).endswith("Is <Image></Image> empty?")
+    assert decode(tok, ex.input_ids[first:]).lstrip().startswith("<Image></Image><|im_end|>")
+    assert (ex.token_image[:first] == -1).all() and (ex.token_image[first:] == 0).all()
+    assert decode(tok, ex.targets[ex.loss_mask]) == "yes<|im_end|>"
 
 
 def test_too_long_samples_are_skipped(tok, special):
@@ -208,12 +199,3 @@ def test_prompt_builder_refusals_are_bad_conversations(tok, special):
     out = _example(tok, special, conv)
     assert out.reason == tr.BAD_CONVERSATION and "system turn must come first" in out.detail
 
-
-def test_make_targets_pickles_without_its_token_cache(tok, special):
-    import pickle
-
-    t = tr.MakeTargets(tok, seq_len=64, image_context_token_id=special.vision_pad, pad_id=special.endoftext)
-    _example(tok, special, _turns(("hi", "yo")))
-    t._token_text = tr._TokenText(tok)
-    clone = pickle.loads(pickle.dumps(t))
-    assert clone._token_text is None and clone.seq_len == 64

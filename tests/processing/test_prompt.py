@@ -9,11 +9,9 @@ from nvlm_jax.processing.prompt import (
     IMAGE,
     build_prompt,
     build_training_example,
+    cross_attention_ids,
     encode_prompt,
-    expand_image_placeholders,
-    image_token_count,
     iter_answer_spans,
-    tile_tags,
 )
 from nvlm_jax.processing.tokenizer import (
     decode,
@@ -21,9 +19,6 @@ from nvlm_jax.processing.tokenizer import (
     load_tokenizer,
     make_tiny_tokenizer,
 )
-
-PAD = "<|vision_pad|>"
-SYS = "<|im_start|>system\nAnswer the questions.<|im_end|>"
 
 
 @pytest.fixture(scope="module")
@@ -34,156 +29,6 @@ def tok(tmp_path_factory):
 def _hf_ids(tok, text):
     """What the release does: tokenize the whole rendered string at once."""
     return tok(text, add_special_tokens=False).input_ids
-
-
-# ------------------------------------------------------------------------------------------
-# Strings.
-
-
-def test_single_image_prompt_matches_the_release_string():
-    text = build_prompt("<image>\nPlease describe the image shortly.", [3])
-    image = (
-        "<Image><tile_1>" + PAD * 256 + "<tile_2>" + PAD * 256
-        + "<tile_global_thumbnail>" + PAD * 256 + "</Image>"
-    )  # fmt: skip
-    assert text == (
-        SYS + "<|im_start|>user\n" + image + "\nPlease describe the image shortly.<|im_end|>"
-        "<|im_start|>assistant\n"
-    )
-
-
-def test_text_only_prompt_has_no_image_tokens_and_no_newline_after_im_end():
-    text = build_prompt("Hi")
-    assert text == SYS + "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\n"
-    assert "<|im_end|>\n" not in text
-
-
-def test_question_without_placeholder_gets_one_image_prepended_per_image():
-    assert build_prompt("Hi", [1], tokens_per_tile=1) == build_prompt(
-        "<image>\nHi", [1], tokens_per_tile=1
-    )
-    assert build_prompt("Hi", [1, 1], tokens_per_tile=1) == build_prompt(
-        "<image>\n<image>\nHi", [1, 1], tokens_per_tile=1
-    )
-
-
-def test_multi_turn_history_is_rendered_in_order():
-    text = build_prompt("Q2", history=[("Q0", "A0"), ("Q1", "A1")], system_message=None)
-    assert text == (
-        "<|im_start|>user\nQ0<|im_end|><|im_start|>assistant\nA0<|im_end|>"
-        "<|im_start|>user\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>"
-        "<|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n"
-    )
-
-
-def test_system_message_is_overridable():
-    assert build_prompt("Hi", system_message="Be brief.").startswith(
-        "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n"
-    )
-
-
-def test_images_in_history_are_expanded_before_the_question_images():
-    text = build_prompt(
-        "<image>\nAnd this?", [1, 2], history=[("<image>\nWhat?", "A cat.")], tokens_per_tile=1
-    )
-    first, second = text.split("<Image>")[1:]
-    assert first.startswith("<tile_global_thumbnail>" + PAD + "</Image>\nWhat?")
-    assert second.startswith("<tile_1>" + PAD + "<tile_global_thumbnail>" + PAD + "</Image>")
-
-
-def test_history_without_placeholder_and_images_raises():
-    with pytest.raises(ValueError, match=r"0 image slot\(s\) but 1 image"):
-        build_prompt("Hi", [3], history=[("Q", "A")])
-
-
-@pytest.mark.parametrize(
-    "question, num_tiles", [("<image><image> compare", [3]), ("<image> this", [3, 1])]
-)
-def test_image_slot_count_must_equal_image_count(question, num_tiles):
-    with pytest.raises(ValueError, match="image"):
-        build_prompt(question, num_tiles)
-
-
-def test_multiple_images_expand_in_order():
-    text = expand_image_placeholders("A <image> B <image>", [3, 1], tokens_per_tile=1)
-    assert text == (
-        "A <Image><tile_1>" + PAD + "<tile_2>" + PAD + "<tile_global_thumbnail>" + PAD
-        + "</Image> B <Image><tile_global_thumbnail>" + PAD + "</Image>"
-    )  # fmt: skip
-
-
-def test_single_tile_image_has_only_the_thumbnail_tag():
-    assert expand_image_placeholders("<image>", [1], tokens_per_tile=2) == (
-        "<Image><tile_global_thumbnail>" + PAD * 2 + "</Image>"
-    )
-
-
-def test_nvlm_x_has_tags_but_no_image_tokens():
-    assert expand_image_placeholders("<image>", [3], arch="X") == (
-        "<Image><tile_1><tile_2><tile_global_thumbnail></Image>"
-    )
-
-
-def test_nvlm_h_has_image_tokens_only_for_the_thumbnail():
-    assert expand_image_placeholders("<image>", [3], arch="H", tokens_per_tile=2) == (
-        "<Image><tile_1><tile_2><tile_global_thumbnail>" + PAD * 2 + "</Image>"
-    )
-
-
-def test_tag_style_none_has_no_tags():
-    assert expand_image_placeholders("<image>", [3], tag_style="none", tokens_per_tile=1) == (
-        "<Image>" + PAD * 3 + "</Image>"
-    )
-
-
-def test_2d_grid_tags_are_one_based_column_row():
-    tags = tile_tags(7, (3, 2), tag_style="2d_grid")
-    assert tags == (
-        "<tile_x1_y1>", "<tile_x2_y1>", "<tile_x3_y1>",
-        "<tile_x1_y2>", "<tile_x2_y2>", "<tile_x3_y2>", "<tile_global_thumbnail>",
-    )  # fmt: skip
-
-
-def test_2d_bbox_tags_are_tile_boxes_on_a_0_to_1000_scale():
-    tags = tile_tags(7, (3, 2), tag_style="2d_bbox")
-    assert tags[:3] == (
-        "<box>(0,0),(333,500)</box>",
-        "<box>(333,0),(666,500)</box>",
-        "<box>(666,0),(1000,500)</box>",
-    )
-    assert tags[5] == "<box>(666,500),(1000,1000)</box>"
-    assert tags[6] == "<tile_global_thumbnail>"
-
-
-def test_2d_tag_styles_need_grids_and_grids_must_match_tile_counts():
-    with pytest.raises(ValueError, match="grid"):
-        build_prompt("<image>", [7], tag_style="2d_grid")
-    with pytest.raises(ValueError, match=r"image 0: grid \(2, 2\) has 4 tiles"):
-        build_prompt("<image>", [7], grids=[(2, 2)])
-    with pytest.raises(ValueError, match="2 grids for 1 images"):
-        build_prompt("<image>", [7], grids=[(3, 2), (1, 1)])
-    text = build_prompt("<image>", [7], grids=[(3, 2)], tag_style="2d_grid", tokens_per_tile=1)
-    assert "<tile_x3_y2>" + PAD + "<tile_global_thumbnail>" in text
-
-
-def test_use_thumbnail_false_tags_every_tile_as_a_grid_tile():
-    assert tile_tags(4, (2, 2), use_thumbnail=False) == (
-        "<tile_1>", "<tile_2>", "<tile_3>", "<tile_4>"
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("arch, expected", [("D", 10), ("X", 0), ("H", 4)])
-def test_image_token_count_matches_the_rendered_pads(arch, expected):
-    assert image_token_count([3, 2], arch=arch, tokens_per_tile=2) == expected
-    assert (
-        build_prompt("<image><image>", [3, 2], arch=arch, tokens_per_tile=2).count(PAD) == expected
-    )
-
-
-@pytest.mark.parametrize("kwargs", [{"arch": "Y"}, {"tag_style": "3d"}, {"tokens_per_tile": 0}])
-def test_bad_format_options_raise(kwargs):
-    with pytest.raises(ValueError):
-        build_prompt("<image>", [1], **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,6 +82,58 @@ def test_nvlm_x_tile_ids_let_each_tag_find_its_tile(tok):
     encoded = encode_prompt(tok, "<image>", [3], arch="X")
     text_tiles = sorted(set(encoded.tile_ids.tolist()) - {-1})
     assert text_tiles == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------
+# Per-token image and tile ids (what NVLM-X/H cross-attention reads).
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_image_starts_are_the_tokens_holding_each_image_block_start(tok, arch):
+    encoded = encode_prompt(tok, "First <image> then\n<image>", [3, 1], arch=arch, tokens_per_tile=4)
+    ids = encoded.input_ids
+    assert encoded.image_starts.dtype == np.int32 and len(encoded.image_starts) == 2
+    for start in encoded.image_starts:
+        assert "<" in decode(tok, ids[start : start + 1])  # merged with the text before it or not
+        assert decode(tok, ids[start:]).lstrip().startswith("<Image>")
+        assert "<Image" not in decode(tok, ids[start + 1 : start + 3])
+    expected = np.searchsorted(encoded.image_starts, np.arange(ids.size), side="right") - 1
+    np.testing.assert_array_equal(encoded.token_image, expected)
+    assert encoded.token_image[0] == -1 and encoded.token_image[-1] == 1
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_token_tile_is_tile_ids_without_the_image_tokens(tok, arch):
+    encoded = encode_prompt(tok, "<image>", [4], arch=arch, tokens_per_tile=4)
+    pad = encoded.input_ids == get_special_tokens(tok).vision_pad
+    np.testing.assert_array_equal(encoded.token_tile, np.where(pad, -1, encoded.tile_ids))
+    assert sorted(set(encoded.token_tile.tolist()) - {-1}) == [0, 1, 2, 3]  # one tag per tile
+    ids = cross_attention_ids(encoded)
+    assert ids.token_tile is encoded.token_tile and ids.token_image is encoded.token_image
+    assert ids.tile_image.tolist() == [0, 0, 0, 0]
+
+
+def test_text_only_prompts_have_no_image_ids(tok):
+    encoded = build_training_example(tok, [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}])
+    assert encoded.image_starts.shape == (0,) and encoded.tile_image.shape == (0,)
+    assert (encoded.token_image == -1).all() and (encoded.token_tile == -1).all()
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+@pytest.mark.parametrize("tag_style", ["none", "1d"])
+def test_typed_image_markup_never_moves_the_image_start(tok, arch, tag_style):
+    # "<Image></Image>" is exactly what NVLM-X writes for an untagged image; typed, it stays text.
+    question = ["Is <Image></Image> the same as ", IMAGE, "? <Image><tile_1>"]
+    encoded = encode_prompt(tok, question, [3], arch=arch, tag_style=tag_style, tokens_per_tile=2)
+    assert encoded.input_ids.tolist() == _hf_ids(tok, encoded.text)
+    (start,) = encoded.image_starts
+    assert decode(tok, encoded.input_ids[:start]).endswith("Is <Image></Image> the same as")
+    assert decode(tok, encoded.input_ids[start:]).lstrip().startswith("<Image>")
+    assert (encoded.token_image[:start] == -1).all() and (encoded.token_image[start:] == 0).all()
+    tagged = encoded.token_tile >= 0
+    assert not tagged[:start].any() and decode(tok, encoded.input_ids[tagged]).count("tile") == (
+        0 if tag_style == "none" else 3
+    )
 
 
 # ------------------------------------------------------------------------------------------

@@ -89,6 +89,61 @@ def test_question_batch_puts_the_answer_after_the_assistant_turn(tokenizer):
     assert (batch["input_ids"][0] == cfg.image_context_token_id).sum() == cfg.num_image_tokens
 
 
+def _paper_run_on_a_tiny_blend(arg, root):
+    """The paper recipe `arg` shrunk to the tiny model and tokenizer, reading a blend in which
+    every dataset holds one record about the same 3:1 image."""
+    from nvlm_jax.data import blends, sources
+
+    image = root / "wide.png"
+    Image.new("RGB", (84, 28), (200, 30, 30)).save(image)
+    blend = blends.PRETRAIN_BLEND if arg.endswith("pretrain") else blends.SFT_BLEND
+    for name in blends.blend_weights(blend):
+        folder = root / blends.dataset_slug(name)
+        folder.mkdir(parents=True)
+        record = {"image": str(image), "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                                          {"from": "gpt", "value": "a red band"}]}
+        sources.write_jsonl(str(folder / "train.jsonl"), [record])
+    c = PAPER.get_config(arg)
+    c.model.preset, c.model.dtype, c.tokenizer = "tiny", "float32", "tiny"
+    c.data.root, c.data.batch_size, c.data.num_workers, c.data.read_threads = str(root), 2, 0, 0
+    return c
+
+
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_paper_stage_1_resizes_every_image_to_one_tile(tmp_path, tokenizer, arch):
+    """Table 10: NVLM-D/X pretrain on one tile per image. A 3:1 image (a 3x1 grid under the
+    model's 6-tile budget) becomes one tile of the model's tile size, not a too_many_tiles skip."""
+    from nvlm_jax.processing import tokenizer as tok
+
+    c = _paper_run_on_a_tiny_blend(f"{arch},72b,pretrain", tmp_path)
+    cfg = launch.model_config(c, tokenizer)
+    assert cfg.max_tiles == 6 and c.data.tiles_per_row == 1
+    fmt = launch.prompt_format(c, cfg)
+    assert (fmt.max_tiles, fmt.system_message) == (1, "Answer the questions.")  # saved with the run
+    with launch.train_iterator(c, cfg, tokenizer) as it:
+        batch = next(it)
+    size = cfg.vision.image_size
+    assert batch["pixel_values"].shape == (2, 1, size, size, 3) and batch["tile_valid"].all()
+    text = tok.decode(tokenizer, batch["input_ids"][0])
+    assert "<Image><tile_global_thumbnail>" in text and "<tile_1>" not in text  # a single tile
+
+
+def test_paper_stage_2_tiles_the_same_image_into_its_grid_and_a_thumbnail(tmp_path, tokenizer):
+    from nvlm_jax.processing import tokenizer as tok
+
+    c = _paper_run_on_a_tiny_blend("D,72b,sft", tmp_path)
+    cfg = launch.model_config(c, tokenizer)
+    fmt = launch.prompt_format(c, cfg)
+    assert (fmt.max_tiles, fmt.use_thumbnail, c.data.tiles_per_row) == (6, True, 7)
+    assert fmt.system_message == PAPER.SFT_SYSTEM_MESSAGE
+    with launch.train_iterator(c, cfg, tokenizer) as it:
+        batch = next(it)
+    assert batch["pixel_values"].shape[1] == 7 and batch["tile_valid"].sum(axis=1).tolist() == [4, 4]
+    text = tok.decode(tokenizer, batch["input_ids"][0])
+    assert "<tile_1>" in text and "<tile_3>" in text and "<tile_4>" not in text
+    assert "<tile_global_thumbnail>" in text and PAPER.SFT_SYSTEM_MESSAGE in text
+
+
 def test_init_from_a_converted_checkpoint_folder(tmp_path, tokenizer):
     c = TINY.get_config()
     cfg = launch.model_config(c, tokenizer)

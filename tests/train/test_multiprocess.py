@@ -213,7 +213,7 @@ def test_a_process_reading_two_shards_feeds_both_in_order():
     cfg = launch.model_config(c, tokenizer)
     it = launch.train_iterator(c, cfg, tokenizer)
     assert isinstance(it, pipeline.ShardedIterator) and (it.num_shards, it.shard_indices) == (2, (0, 1))
-    halves = [pipeline.make_pipeline(launch.data_config(c), cfg, tokenizer, split="train", seed=c.data.seed,
+    halves = [pipeline.make_pipeline(launch.data_config(c, cfg), cfg, tokenizer, split="train", seed=c.data.seed,
                                      batch_size=4, seq_len=c.data.seq_len, tiles_per_row=c.data.tiles_per_row,
                                      shard_index=i, shard_count=2) for i in range(2)]
     with it, halves[0], halves[1]:
