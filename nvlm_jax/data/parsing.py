@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
-from nvlm_jax.data.transforms import MALFORMED_RECORD, ImageRef, RawSample, Skipped
+from nvlm_jax.data.transforms import MALFORMED_RECORD, UNSAFE_IMAGE_PATH, ImageRef, RawSample, Skipped
 from nvlm_jax.processing import chat_template
 
 
@@ -31,20 +31,43 @@ def _as_text(value: Any) -> Any:
     return value
 
 
-def _resolve_image(ref: Any, image_root: str | None) -> ImageRef:
+class UnsafeImagePath(ValueError):
+    """An image path that resolves outside the source's image root."""
+
+
+def resolve_image_path(path: str, image_root: str | None, allow_outside_root: bool = False) -> str:
+    """The real path of image `path` (relative to `image_root` unless absolute), which must lie
+    under `image_root` after resolving `..` and symlinks; `UnsafeImagePath` otherwise. Without
+    an image root, or with `allow_outside_root`, any path is taken as given (absolute, or
+    relative to the working directory)."""
+    if "\0" in path:
+        raise UnsafeImagePath(f"image path {path!r} contains a NUL byte")
+    if image_root is None or allow_outside_root:
+        return path if image_root is None or os.path.isabs(path) else os.path.join(image_root, path)
+    root = os.path.realpath(image_root)
+    real = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, real]) != root:
+        raise UnsafeImagePath(f"image path {path!r} resolves outside the image root {image_root} (to {real}); "
+                              "allow_outside_root=True allows it")
+    return real
+
+
+def _resolve_image(ref: Any, image_root: str | None, allow_outside_root: bool = False) -> ImageRef:
     if isinstance(ref, str):
-        return ref if os.path.isabs(ref) or not image_root else os.path.join(image_root, ref)
+        return resolve_image_path(ref, image_root, allow_outside_root)
     if isinstance(ref, (bytes, Image.Image)):
         return ref
     if isinstance(ref, np.ndarray) and ref.dtype == np.uint8 and (ref.ndim == 2 or ref.ndim == 3):
         return ref
     if isinstance(ref, np.ndarray) and ref.dtype.kind in "SO" and ref.ndim == 0:
-        return _resolve_image(ref.item(), image_root)
+        return _resolve_image(ref.item(), image_root, allow_outside_root)
     raise TypeError(f"unsupported image reference of type {type(ref).__name__}")
 
 
-def raw_sample_from_dict(source: str, record: str, obj: Any, image_root: str | None = None) -> RawSample | Skipped:
-    """Canonical record dict -> `RawSample`, or `Skipped` (malformed_record) naming the problem.
+def raw_sample_from_dict(source: str, record: str, obj: Any, image_root: str | None = None,
+                         allow_outside_root: bool = False) -> RawSample | Skipped:
+    """Canonical record dict -> `RawSample`, or `Skipped` naming the problem (malformed_record;
+    unsafe_image_path for a path that escapes `image_root`, see `resolve_image_path`).
 
     The dict holds `"conversations"` (LLaVA turns; `"messages"` is accepted too) and optionally
     `"image"` (one reference or a list) or `"images"` (a list). A string reference is a path,
@@ -62,8 +85,12 @@ def raw_sample_from_dict(source: str, record: str, obj: Any, image_root: str | N
         refs = []
     elif isinstance(refs, (str, bytes, Image.Image)) or (isinstance(refs, np.ndarray) and refs.dtype == np.uint8):
         refs = [refs]
+    if not isinstance(refs, Sequence | np.ndarray) or isinstance(refs, str | bytes):
+        return Skipped(source, record, MALFORMED_RECORD, f"'images' is a {type(refs).__name__}, not a list")
     try:
-        images = tuple(_resolve_image(r, image_root) for r in refs)
+        images = tuple(_resolve_image(r, image_root, allow_outside_root) for r in refs)
+    except UnsafeImagePath as e:
+        return Skipped(source, record, UNSAFE_IMAGE_PATH, str(e))
     except TypeError as e:
         return Skipped(source, record, MALFORMED_RECORD, str(e))
     return RawSample(source, record, tuple(turns), images)
@@ -72,9 +99,10 @@ def raw_sample_from_dict(source: str, record: str, obj: Any, image_root: str | N
 class ParseJsonLine(grain.transforms.Map):
     """`(label, line bytes)` from `sources.JsonlDataSource` -> `RawSample` (LLaVA/InternVL JSONL)."""
 
-    def __init__(self, source: str, image_root: str | None = None):
+    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False):
         self.source = source
         self.image_root = image_root
+        self.allow_outside_root = allow_outside_root
 
     def map(self, element: tuple[str, bytes]) -> RawSample | Skipped:
         label, line = element
@@ -82,15 +110,16 @@ class ParseJsonLine(grain.transforms.Map):
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return Skipped(self.source, label, MALFORMED_RECORD, f"invalid JSON: {e}")
-        return raw_sample_from_dict(self.source, label, obj, self.image_root)
+        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root)
 
 
 class ParseMsgpackRecord(grain.transforms.Map):
     """`(label, record bytes)` from an ArrayRecord file -> `RawSample` (see `sources.encode_record`)."""
 
-    def __init__(self, source: str, image_root: str | None = None):
+    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False):
         self.source = source
         self.image_root = image_root
+        self.allow_outside_root = allow_outside_root
 
     def map(self, element: tuple[str, bytes]) -> RawSample | Skipped:
         label, payload = element
@@ -98,19 +127,20 @@ class ParseMsgpackRecord(grain.transforms.Map):
             obj = msgpack.unpackb(payload, raw=False)
         except (ValueError, msgpack.UnpackException, TypeError) as e:
             return Skipped(self.source, label, MALFORMED_RECORD, f"invalid msgpack record: {e}")
-        return raw_sample_from_dict(self.source, label, obj, self.image_root)
+        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root)
 
 
 class ParseRecordDict(grain.transforms.Map):
     """`(label, canonical dict)` (e.g. from `synthetic.SyntheticDataSource`) -> `RawSample`."""
 
-    def __init__(self, source: str, image_root: str | None = None):
+    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False):
         self.source = source
         self.image_root = image_root
+        self.allow_outside_root = allow_outside_root
 
     def map(self, element: tuple[str, Mapping[str, Any]]) -> RawSample | Skipped:
         label, obj = element
-        return raw_sample_from_dict(self.source, label, obj, self.image_root)
+        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root)
 
 
 class ParseTfdsExample(grain.transforms.Map):

@@ -163,7 +163,7 @@ def _source_dataset(
     records = spec.open(split, tile_size=model_cfg.vision.image_size)
     if len(records) < shard_count:
         raise ValueError(f"data source {spec.name!r} split {split!r} has {len(records)} records < {shard_count} shards")
-    ds = grain.MapDataset.source(records).map(spec.parser(split))
+    ds = grain.MapDataset.source(records).map(tr.Guarded(spec.parser(split)))
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     if data_cfg.shuffle:
@@ -342,13 +342,14 @@ def record_transforms(model_cfg: NVLMConfig, tokenizer: Any, *, seq_len: int, ti
     other keywords as in `DataConfig`. One-off callers (`record_batch`) use the same list, so a
     question asked of a trained model is encoded exactly as its training data was."""
     fmt = prompt_format_for(model_cfg, fmt)
-    return [
+    steps = [
         tr.ValidateConversation(),
         tr.LoadImages(max_pixels),
         tr.TileImages(model_cfg.vision.image_size, fmt.max_tiles, fmt.use_thumbnail, tiles_per_row),
         tr.EncodeConversation(tokenizer, arch=model_cfg.arch, fmt=fmt),
         tr.MakeTargets(seq_len=seq_len, pad_id=pad_id),
     ]
+    return [tr.Guarded(step) for step in steps]
 
 
 def record_batch(record: Mapping[str, Any], model_cfg: NVLMConfig, tokenizer: Any, *, seq_len: int,
@@ -359,7 +360,7 @@ def record_batch(record: Mapping[str, Any], model_cfg: NVLMConfig, tokenizer: An
     `what` and the reason."""
     pad_id = tokenizer_lib.get_special_tokens(tokenizer).endoftext
     settings = _record_settings(data_cfg) if data_cfg is not None else {}
-    element = parsing.ParseRecordDict(what).map((what, record))
+    element = tr.Guarded(parsing.ParseRecordDict(what)).map((what, record))
     for transform in record_transforms(model_cfg, tokenizer, seq_len=seq_len, tiles_per_row=tiles_per_row,
                                        pad_id=pad_id, **settings):
         element = transform.map(element)

@@ -172,13 +172,17 @@ class JsonlSource:
       name: the source's name in the mixture and in skip counts.
       paths: split name -> JSONL file, e.g. `{"train": ".../train.jsonl", "eval": ...}`.
       image_root: folder that relative image paths are relative to (default: the file's folder).
+        Image paths must stay under it (no `..` out, no absolute path elsewhere, no symlink out):
+        others are skipped as unsafe_image_path and never read.
       weight: mixture weight.
+      allow_outside_root: accept image paths outside `image_root` (absolute paths, `..`).
     """
 
     name: str
     paths: Mapping[str, str]
     image_root: str | None = None
     weight: float = 1.0
+    allow_outside_root: bool = False
 
     def __post_init__(self):
         _check_common(self.name, self.weight)
@@ -187,10 +191,16 @@ class JsonlSource:
         return JsonlDataSource(_split_path(self.name, self.paths, split))
 
     def parser(self, split: str = "train") -> parsing.ParseJsonLine:
-        root = self.image_root
-        if root is None and split in self.paths:
-            root = os.path.dirname(os.path.abspath(self.paths[split]))
-        return parsing.ParseJsonLine(self.name, root)
+        return parsing.ParseJsonLine(self.name, _image_root(self.image_root, self.paths, split),
+                                     self.allow_outside_root)
+
+
+def _image_root(image_root: str | None, paths: Mapping[str, Any], split: str) -> str | None:
+    """`image_root`, else the folder of the split's (first) file."""
+    if image_root is not None or split not in paths:
+        return image_root
+    first = paths[split] if isinstance(paths[split], str) else next(iter(paths[split]), None)
+    return None if first is None else os.path.dirname(os.path.abspath(first))
 
 
 def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> str:
@@ -252,13 +262,16 @@ class ArrayRecordSource:
     Attributes:
       name, weight: as `JsonlSource`.
       paths: split name -> one file or a list of files.
-      image_root: folder for records that give image paths instead of bytes.
+      image_root: folder for records that give image paths instead of bytes (default: the
+        folder of the split's first file); paths must stay under it, as in `JsonlSource`.
+      allow_outside_root: as in `JsonlSource`.
     """
 
     name: str
     paths: Mapping[str, str | Sequence[str]]
     image_root: str | None = None
     weight: float = 1.0
+    allow_outside_root: bool = False
 
     def __post_init__(self):
         _check_common(self.name, self.weight)
@@ -267,7 +280,8 @@ class ArrayRecordSource:
         return ArrayRecordDataSource(_split_path(self.name, self.paths, split))
 
     def parser(self, split: str = "train") -> parsing.ParseMsgpackRecord:
-        return parsing.ParseMsgpackRecord(self.name, self.image_root)
+        return parsing.ParseMsgpackRecord(self.name, _image_root(self.image_root, self.paths, split),
+                                          self.allow_outside_root)
 
 
 # ------------------------------------------------------------------------------------------

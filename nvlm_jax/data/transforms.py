@@ -17,7 +17,10 @@ stage (`mixture.AccountSkips`) counts them per source and reason and drops them.
 
 Skip reasons (`SKIP_REASONS`): malformed_record, empty_conversation, answer_less_turn,
 bad_conversation, image_placeholder_mismatch, missing_image, corrupt_image, too_many_tiles,
-too_long.
+too_long, unsafe_image_path (an image path that resolves outside the source's image root:
+`..`, an absolute path elsewhere, a symlink out; never read), and record_error: every step runs
+inside `Guarded`, so an exception nobody foresaw becomes a counted skip naming the step and the
+exception instead of ending the iterator.
 
 Pixels stay uint8 until batching (4x less memory per buffered sample); the batcher writes
 ImageNet-normalised float32 straight into the batch array (`packing.BatchRows`).
@@ -46,6 +49,8 @@ MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 TOO_MANY_TILES = "too_many_tiles"
 TOO_LONG = "too_long"
+UNSAFE_IMAGE_PATH = "unsafe_image_path"
+RECORD_ERROR = "record_error"
 SKIP_REASONS = (
     MALFORMED_RECORD,
     EMPTY_CONVERSATION,
@@ -56,6 +61,8 @@ SKIP_REASONS = (
     CORRUPT_IMAGE,
     TOO_MANY_TILES,
     TOO_LONG,
+    UNSAFE_IMAGE_PATH,
+    RECORD_ERROR,
 )
 
 # An image as a record gives it: a file path, encoded bytes, a PIL image or uint8 [H, W, 3].
@@ -193,6 +200,39 @@ def _value(turn: Mapping[str, Any]) -> Any:
     return turn.get("value", turn.get("content"))
 
 
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (valid JSON `"\\ud800"`, but no text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Guarded(grain.transforms.Map):
+    """Runs one per-record step; an unexpected exception becomes a `Skipped` (record_error)
+    naming the step and the exception, so one bad record can never end the iterator.
+
+    The element is a sample (with `source`, `record`) or, before parsing, `(label, payload)`
+    with the source name taken from the parse step."""
+
+    def __init__(self, step: grain.transforms.Map):
+        self.step = step
+
+    def map(self, element: Any) -> Any:
+        if isinstance(element, Skipped):
+            return element
+        try:
+            return self.step.map(element)
+        except Exception as e:  # noqa: BLE001 - the point: any failure of one record is that record's
+            if isinstance(element, tuple) and len(element) == 2:
+                source, record = getattr(self.step, "source", "?"), str(element[0])
+            else:
+                source, record = getattr(element, "source", "?"), getattr(element, "record", "?")
+            detail = f"{type(self.step).__name__}: {type(e).__name__}: {e}"
+            return Skipped(source, record, RECORD_ERROR, detail[:500])
+
+
 class ValidateConversation(grain.transforms.Map):
     """Skips conversations the prompt builder would reject or that teach nothing.
 
@@ -212,6 +252,8 @@ class ValidateConversation(grain.transforms.Map):
         for i, turn in enumerate(turns):
             if not isinstance(turn, Mapping) or _role(turn) not in _ROLES or not isinstance(_value(turn), str):
                 return Skipped(s, r, MALFORMED_RECORD, f"turn {i} is not a {{from, value}} turn with a known role")
+            if not _is_unicode(_value(turn)):
+                return Skipped(s, r, MALFORMED_RECORD, f"turn {i} holds a lone surrogate (text that is not Unicode)")
         roles = [_role(t) for t in turns]
         if not any(role in _ASSISTANT_ROLES for role in roles):
             return Skipped(s, r, ANSWER_LESS_TURN, "no assistant turn")

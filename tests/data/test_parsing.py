@@ -1,6 +1,10 @@
 """Tests for nvlm_jax.data.parsing: source payloads -> RawSample, malformed records as skips."""
 
+import json
+import os
+
 import numpy as np
+import pytest
 
 from nvlm_jax.data import parsing
 from nvlm_jax.data import transforms as tr
@@ -16,10 +20,29 @@ def test_parse_json_line_reports_invalid_json_and_missing_fields():
     assert isinstance(ok, tr.RawSample) and ok.images == ()
 
 
-def test_relative_image_paths_resolve_against_the_image_root():
-    line = b'{"image": ["a.png", "/abs/b.png"], "conversations": []}'
-    sample = parsing.ParseJsonLine("coco", "/root").map(("f:1", line))
-    assert sample.images == ("/root/a.png", "/abs/b.png")
+def test_relative_image_paths_resolve_against_the_image_root(tmp_path):
+    line = b'{"image": ["a.png", "sub/../b.png"], "conversations": []}'
+    sample = parsing.ParseJsonLine("coco", str(tmp_path)).map(("f:1", line))
+    real = os.path.realpath(tmp_path)
+    assert sample.images == (f"{real}/a.png", f"{real}/b.png")
+
+
+@pytest.mark.parametrize("ref", ["../secret.png", "/etc/passwd", "sub/../../x.png", "link/outside.png", "a\0b"])
+def test_image_paths_that_escape_the_root_are_skipped_and_never_read(tmp_path, ref):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)  # a symlink out of the root
+    line = json.dumps({"image": ref, "conversations": []}).encode()
+    skipped = parsing.ParseJsonLine("coco", str(root)).map(("f:1", line))
+    assert skipped.reason == tr.UNSAFE_IMAGE_PATH and "f:1" == skipped.record
+    allowed = parsing.ParseJsonLine("coco", str(root), allow_outside_root=True).map(("f:1", line))
+    if "\0" not in ref:
+        assert len(allowed.images) == 1  # the documented escape hatch
+
+
+def test_images_that_are_not_a_list_are_malformed():
+    skipped = parsing.ParseJsonLine("coco", "/r").map(("f:1", b'{"images": {"a": 1}, "conversations": []}'))
+    assert skipped.reason == tr.MALFORMED_RECORD and "not a list" in skipped.detail
 
 
 def test_parse_tfds_example_uses_the_first_of_several_answers():

@@ -138,8 +138,11 @@ def test_jsonl_source_resolves_relative_images_against_the_file_folder(tmp_path)
     spec = sources.JsonlSource("mine", {"train": path})
     parse = spec.parser("train")
     samples = [parse.map(spec.open("train")[i]) for i in range(3)]
-    assert samples[0].images == (os.path.join(str(tmp_path), "imgs/a.png"),)
-    assert samples[1].images == ("/abs/b.png", os.path.join(str(tmp_path), "c.png"))
+    real = os.path.realpath(tmp_path)
+    assert samples[0].images == (os.path.join(real, "imgs/a.png"),)
+    assert samples[1].reason == "unsafe_image_path" and "/abs/b.png" in samples[1].detail
+    lenient = sources.JsonlSource("mine", {"train": path}, allow_outside_root=True).parser("train")
+    assert lenient.map(spec.open("train")[1]).images == ("/abs/b.png", os.path.join(str(tmp_path), "c.png"))
     assert samples[2].images == () and samples[2].source == "mine"
     rooted = sources.JsonlSource("mine", {"train": path}, image_root="/data").parser("train")
     assert rooted.map(spec.open("train")[0]).images == ("/data/imgs/a.png",)
