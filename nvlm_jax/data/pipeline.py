@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import os
+import threading
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -239,9 +243,44 @@ def make_dataset(
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size
-            )
+            ),
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
         )
     return ds
+
+
+def exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 0, poll_s: float = 0.5) -> None:
+    """Grain worker start-up: a daemon thread ends this worker as soon as the process that
+    built the pipeline is gone (a killed trainer would otherwise leave its workers, and through
+    them multiprocessing's resource tracker, running for minutes)."""
+    del worker_index, worker_count
+    spawner = os.getppid()  # the pipeline's process, or a fork server between us
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != spawner or not _alive(parent_pid):
+                os._exit(0)  # nothing to clean up: the reader of our results is gone
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="nvlm-exit-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a killed process its own parent has not reaped yet is a zombie: dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # no procfs: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class DataIterator:
