@@ -60,6 +60,42 @@ def make_batch(cfg: C.NVLMConfig, batch: int, seq: int, tiles: int, seed: int = 
     )
 
 
+def build_step(cfg: C.NVLMConfig, batch_size: int, seq: int, tiles: int, stage: str, mesh):
+    """(jitted train step, train state, device batch, param shapes, trainable mask) for one
+    `make_batch` batch on `mesh`, from random params. Call under `jax.set_mesh(mesh)` and the
+    default logical-axis rules."""
+    ocfg = optim.OptimConfig(lr_max=1e-4, lr_min=1e-5, warmup_steps=1, total_steps=1000)
+    opt = optim.make_optimizer(ocfg)
+    shapes = step_lib.param_shapes(cfg)
+    mask = freeze.trainable_mask(shapes, "D", stage)
+    shardings, _ = step_lib.train_state_shardings(cfg, opt, mask, mesh)
+    rng = np.random.default_rng(0)
+    params = jax.device_put(jax.tree_util.tree_map(
+        lambda s: (0.02 * rng.normal(size=s.shape)).astype(s.dtype), shapes))
+    batch = make_batch(cfg, batch_size, seq, tiles)
+    state = jax.jit(lambda p: step_lib.init_train_state(p, opt, mask), out_shardings=shardings)(params)
+    bshard = step_lib.batch_sharding(mesh, batch_size)
+    step = step_lib.jit_train_step(step_lib.make_train_step(cfg, opt, mask, optim.lr_schedule(ocfg)),
+                                   shardings, bshard)
+    return step, state, step_lib.device_batch(batch, bshard), shapes, mask
+
+
+def run_steps(step, state, dev_batch, steps: int):
+    """(compile seconds, per-step seconds of `steps` steps after one warm-up step, last metrics)."""
+    start = time.perf_counter()
+    compiled = step.lower(state, dev_batch).compile()
+    compile_s = time.perf_counter() - start
+    state, m = compiled(state, dev_batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, m = compiled(state, dev_batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    return compile_s, times, m
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -74,33 +110,10 @@ def main() -> None:
 
     cfg = bench_config(args.dtype, args.remat)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    ocfg = optim.OptimConfig(lr_max=1e-4, lr_min=1e-5, warmup_steps=1, total_steps=1000)
-    opt = optim.make_optimizer(ocfg)
-    shapes = step_lib.param_shapes(cfg)
-    mask = freeze.trainable_mask(shapes, "D", args.stage)
-    shardings, _ = step_lib.train_state_shardings(cfg, opt, mask, mesh)
-    rng = np.random.default_rng(0)
-    params = jax.device_put(jax.tree_util.tree_map(
-        lambda s: (0.02 * rng.normal(size=s.shape)).astype(s.dtype), shapes))
-    batch = make_batch(cfg, args.batch, args.seq, args.tiles)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        state = jax.jit(lambda p: step_lib.init_train_state(p, opt, mask), out_shardings=shardings)(params)
-        bshard = step_lib.batch_sharding(mesh, args.batch)
-        step = step_lib.jit_train_step(step_lib.make_train_step(cfg, opt, mask, optim.lr_schedule(ocfg)),
-                                       shardings, bshard)
-        dev_batch = step_lib.device_batch(batch, bshard)
+        step, state, dev_batch, shapes, mask = build_step(cfg, args.batch, args.seq, args.tiles, args.stage, mesh)
         peaks = [metrics.measure_peak_flops(args.peak_size, repeats=3)]
-        start = time.perf_counter()
-        compiled = step.lower(state, dev_batch).compile()
-        compile_s = time.perf_counter() - start
-        state, m = compiled(state, dev_batch)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, m = compiled(state, dev_batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - start)
+        compile_s, times, m = run_steps(step, state, dev_batch, args.steps)
     peaks.append(metrics.measure_peak_flops(args.peak_size, repeats=3))
     peak = max(peaks)  # the machine's capability; a busy machine lowers the step rate and a probe alike
     trained = freeze.trained_subtrees("D", args.stage)
