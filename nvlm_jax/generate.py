@@ -14,14 +14,21 @@ NVLM-X/H: each row has its own tiles, padded to a common power-of-two number of 
 context: the thumbnails' features for the prefill (H) and the cross-attention keys/values of
 every block, which every decode step reuses (`memory_only`). Generated tokens belong to the
 row's latest image (`token_image` = the prompt's last one) and name no tile (`token_tile` = -1).
+NVLM-D takes per-row tiles the same way when given a `[batch, tiles, H, W, 3]` array (with
+`tile_valid`): batches of one shape then share one compiled program.
 
-Sampling (per step, all in f32): greedy argmax, or temperature → top-k → top-p (nucleus) →
-categorical with key `fold_in(PRNGKey(seed), step)`: the same seed gives the same tokens.
-A row stops after emitting any stop token (that token is kept; later slots hold `pad_id`); the
-loop ends when every row has stopped or `max_new_tokens` were produced.
+Sampling (per step, all in f32; `suppress_token_ids` are never chosen): greedy argmax, or
+temperature → top-k → top-p (nucleus) → categorical with key `fold_in(PRNGKey(seed), step)`:
+the same seed gives the same tokens. A row stops after emitting any stop token (that token is
+kept; later slots hold `pad_id`); the loop ends when every row has stopped or `max_new_tokens`
+were produced.
 
 Shapes are static per (batch, prompt bucket, tile bucket, max_new_tokens, sampling mode), so
 repeated calls reuse the compiled programs.
+
+Training-format rows (`nvlm_jax.data.batch`, one sample per row, the answer as `loss_mask`
+targets) decode through the same function: `batch_prompts` cuts each row after its last prompt
+token and `greedy_batch` answers them, as the in-training evaluation and `launch.ask` do.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models.llm import init_cache
@@ -42,6 +51,7 @@ from nvlm_jax.models.nvlm import NVLM, ImageContext, check_image_token_count
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules
 
 PROMPT_BUCKET = 64
+Runner = Callable[..., Any]  # runner(jitted, *args, **static_args) -> jitted(*args, **static_args)
 
 
 @contextlib.contextmanager
@@ -204,8 +214,9 @@ def _per_row(name: str, values, batch: int) -> list:
     return list(values)
 
 
-def _row_slots(pixel_values, tile_valid, tile_image, batch: int):
-    """Per row: pixels [n, H, W, 3], valid [n], image [n] (n may be 0)."""
+def _row_slots(pixel_values, tile_valid, tile_image, batch: int, image_ids: bool = True):
+    """Per row: pixels [n, H, W, 3], valid [n], image [n] (n may be 0). Without `image_ids`
+    (NVLM-D), a missing tile_image counts every tile as image 0."""
     if isinstance(pixel_values, np.ndarray | jax.Array) and np.ndim(pixel_values) != 5:
         raise ValueError(
             f"NVLM-X/H take per-row tiles: pixel_values must be [batch, tiles, H, W, 3] or a list with one "
@@ -223,6 +234,8 @@ def _row_slots(pixel_values, tile_valid, tile_image, batch: int):
         if px.ndim != 4:
             raise ValueError(f"pixel_values of prompt {i} must be [tiles, H, W, 3], got shape {px.shape}")
         n = px.shape[0]
+        if image is None and not image_ids:
+            image = np.zeros(n, np.int32)
         if image is None:
             raise ValueError(f"prompt {i} has {n} tiles but no tile_image (the image index of each tile)")
         image = np.asarray(image, np.int32)
@@ -251,8 +264,9 @@ def prepare_row_tiles(
     tile_valid=None,
     attention_mask=None,
 ) -> RowTiles:
-    """Checks the X/H inputs of each prompt on the host and pads them to the batch's shapes.
+    """Checks the per-row tile inputs of each prompt on the host and pads them to the batch's shapes.
 
+    Used for X/H, and for D given per-row tiles (where token_image / token_tile may be None).
     pixel_values: a list with one `[tiles_i, H, W, 3]` array (or None) per prompt, or one
     `[batch, tiles, H, W, 3]` array (with `tile_valid [batch, tiles]`); tile_image: the image index
     of each tile, per prompt; token_image / token_tile: per prompt, one id per prompt token (as
@@ -260,12 +274,14 @@ def prepare_row_tiles(
     Tile slots are padded to `tile_bucket(max tiles)`.
     """
     b, p = batch.ids.shape
+    if cfg.arch == "D":  # the ids only matter for cross-attention
+        token_image = token_tile = [np.full(n, -1, np.int32) for n in batch.lengths]
     if token_image is None or token_tile is None:
         raise ValueError(f"NVLM-{cfg.arch} generation needs token_image and token_tile for every prompt "
                          "(see nvlm_jax.processing.prompt.cross_attention_ids)")
     token_image_rows = _rows(token_image, attention_mask)
     token_tile_rows = _rows(token_tile, attention_mask)
-    slots = _row_slots(pixel_values, tile_valid, tile_image, b)
+    slots = _row_slots(pixel_values, tile_valid, tile_image, b, image_ids=cfg.arch != "D")
     for name, rows in (("token_image", token_image_rows), ("token_tile", token_tile_rows)):
         if len(rows) != b:
             raise ValueError(f"{name} has {len(rows)} rows for {b} prompts")
@@ -296,13 +312,12 @@ def prepare_row_tiles(
         if tok_image.max(initial=-1) >= num_images:
             raise ValueError(f"prompt {i}: token_image refers to image {int(tok_image.max())} but its tiles "
                              f"belong to {num_images} images")
-        thumbs = _thumbnails(valid, image)
-        in_decoder = int(thumbs.sum()) if cfg.arch == "H" else 0
+        in_decoder = {"D": int(valid.sum()), "H": int(_thumbnails(valid, image).sum())}.get(cfg.arch, 0)
+        what = {"D": "every valid tile", "H": "the thumbnails only"}.get(cfg.arch, "none")
         try:
             check_image_token_count(cfg, ids, in_decoder)
         except ValueError as e:
-            raise ValueError(f"prompt {i} (NVLM-{cfg.arch}: image tokens for the thumbnails only"
-                             f"{'' if cfg.arch == 'H' else ', i.e. none'}): {e}") from None
+            raise ValueError(f"prompt {i} (NVLM-{cfg.arch}: image tokens for {what}): {e}") from None
         if row is not None:
             n = row[0].shape[0]
             if row[0].shape[1:] != size:
@@ -334,6 +349,7 @@ def _generate(
     temperature,
     top_p,
     stop_ids,
+    suppress_ids,
     pad_id,
     *,
     cfg: NVLMConfig,
@@ -348,7 +364,7 @@ def _generate(
     b, p = ids.shape
     cache = init_cache(cfg.llm, b, p + max_new_tokens, jnp.dtype(cfg.dtype))
     cross = cfg.arch in ("X", "H")
-    if cross:
+    if image_context is not None:  # per-row tiles (X/H, or D given them)
         images = dict(image_context=image_context, token_image=token_image, token_tile=token_tile)
     else:
         images = dict(image_features=image_features, tile_valid=tile_valid)
@@ -363,6 +379,7 @@ def _generate(
                            token_tile=jnp.full((b, 1), -1, jnp.int32))
     # Only the last position's logits are needed (the full-prompt ones are never computed).
     logits0 = model.apply(variables, hidden[:, -1:], method=lambda m, h: m.llm.logits(h))[:, 0]
+    logits0 = logits0.at[:, suppress_ids].set(-jnp.inf)
     sample = functools.partial(sample_logits, do_sample=do_sample, top_k=top_k, use_top_p=use_top_p,
                                temperature=temperature, top_p=top_p)
     tok = sample(logits0, jax.random.fold_in(key, 0))
@@ -384,7 +401,7 @@ def _generate(
             variables, tok[:, None], **step_images, positions=pos, segment_ids=ones, cache=cache,
             cache_index=p + step - 1,
         )
-        logits = logits[:, 0]
+        logits = logits[:, 0].at[:, suppress_ids].set(-jnp.inf)
         new = sample(logits, jax.random.fold_in(key, step))
         new = jnp.where(done, pad_id, new)
         out = out.at[:, step].set(new)
@@ -422,11 +439,13 @@ def generate(
     sampling: SamplingParams = GREEDY,
     seed: int = 0,
     stop_token_ids: Sequence[int] = (),
+    suppress_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
     prompt_bucket: int = PROMPT_BUCKET,
     return_logits: bool = False,
+    runner: Runner | None = None,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt, for any arch.
 
@@ -436,16 +455,21 @@ def generate(
       input_ids: `[batch, seq]` ids (with `attention_mask` for padded rows) or a list of 1-D
         prompts of different lengths; image context tokens must already be in place.
       pixel_values: NVLM-D: `[tiles, H, W, 3]` float, the tiles of all images of all prompts, in
-        order (or a list with one `[tiles_i, H, W, 3]` array or None per prompt).
+        order (or a list with one `[tiles_i, H, W, 3]` array or None per prompt), or per-row
+        tiles `[batch, tiles, H, W, 3]` with `tile_valid [batch, tiles]` as for X/H.
         NVLM-X/H: a list with one `[tiles_i, H, W, 3]` array (or None) per prompt, or
         `[batch, tiles, H, W, 3]` with `tile_valid [batch, tiles]` (default all valid).
       token_image, token_tile, tile_image: NVLM-X/H only (ignored for D), per prompt like
         `input_ids` / its tiles: see `nvlm_jax.processing.prompt.cross_attention_ids`.
       sampling: greedy or sampling settings; `seed` fixes the sampling noise.
       stop_token_ids: a row ends after producing one of these (e.g. `<|im_end|>`); () = never.
+      suppress_token_ids: never produced (their logits are set to -inf before choosing).
       pad_token_id: written after a row has stopped and used to left-pad prompts.
       mesh / rules: run sharded (params should already be placed on `mesh`).
       return_logits: also return each step's logits (for tests; memory batch·steps·vocab).
+      runner: calls the jitted programs, `runner(jitted, *args, **static)`; multi-process
+        training passes `nvlm_jax.train.multihost.synced_call` (default: a plain call). Results
+        are read back whole on every process, even when sharded over several.
 
     Returns:
       `GenerateOutput` with `tokens [batch, steps]`, steps ≤ max_new_tokens (fewer when all
@@ -462,8 +486,10 @@ def generate(
             f"prompt ({int(batch.lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"max_position_embeddings {cfg.llm.max_position_embeddings}"
         )
+    run = runner or _call
     cross = cfg.arch in ("X", "H")
-    if cross:
+    row_tiles = cross or (isinstance(pixel_values, np.ndarray | jax.Array) and np.ndim(pixel_values) == 5)
+    if row_tiles:
         rows = prepare_row_tiles(cfg, batch, pixel_values, token_image, token_tile, tile_image, tile_valid,
                                  attention_mask)
     else:
@@ -472,29 +498,40 @@ def generate(
         check_image_token_count(cfg, batch.ids[batch.segment_ids > 0], n_tiles)
     with mesh_context(mesh, rules):
         features = valid = context = None
-        if cross:
-            context = _encode_context(params, batch.ids, rows.pixels, rows.tile_valid, rows.tile_image,
-                                      rows.token_tile, cfg=cfg)
+        if row_tiles:
+            context = run(_encode_context, params, batch.ids, rows.pixels, rows.tile_valid, rows.tile_image,
+                          rows.token_tile, cfg=cfg)
         elif n_tiles:
             pixels = np.asarray(pixel_values, np.float32)
             bucket = tile_bucket(n_tiles)
             if bucket > n_tiles:
                 pixels = np.concatenate([pixels, np.zeros((bucket - n_tiles,) + pixels.shape[1:], np.float32)])
             valid = np.arange(bucket) < n_tiles
-            features = _encode_images(params, pixels, cfg=cfg)
-        tokens, steps, logits = _generate(
-            params, batch.ids, batch.positions, batch.segment_ids, batch.lengths, features, valid, context,
-            rows.token_image if cross else None, rows.token_tile if cross else None,
-            rows.new_image if cross else None,
+            features = run(_encode_images, params, pixels, cfg=cfg)
+        tokens, steps, logits = run(
+            _generate, params, batch.ids, batch.positions, batch.segment_ids, batch.lengths, features, valid,
+            context, rows.token_image if row_tiles else None, rows.token_tile if row_tiles else None,
+            rows.new_image if row_tiles else None,
             jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p),
-            np.asarray(list(stop_token_ids), np.int32), np.int32(pad_token_id),
-            cfg=cfg, max_new_tokens=max_new_tokens, do_sample=sampling.do_sample, top_k=sampling.top_k,
-            use_top_p=sampling.top_p < 1.0, return_logits=return_logits,
+            np.asarray(list(stop_token_ids), np.int32), np.asarray(list(suppress_token_ids), np.int32),
+            np.int32(pad_token_id), cfg=cfg, max_new_tokens=max_new_tokens, do_sample=sampling.do_sample,
+            top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0, return_logits=return_logits,
         )
-        steps = int(steps)
-        tokens = np.asarray(tokens)[:, :steps]
-        logits = np.asarray(logits)[:, :steps] if return_logits else None
+        steps = int(_fetch(steps))
+        tokens = _fetch(tokens)[:, :steps]
+        logits = _fetch(logits)[:, :steps] if return_logits else None
     return GenerateOutput(tokens, logits)
+
+
+def _call(jitted, *args, **static):
+    return jitted(*args, **static)
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """A NumPy copy of `x` on this process, gathering the shards other processes hold."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def _flat_tiles(pixel_values):
@@ -505,3 +542,88 @@ def _flat_tiles(pixel_values):
         return pixel_values  # a list of single [H, W, 3] tiles
     rows = [np.asarray(p, np.float32) for p in pixel_values if p is not None and np.shape(p)[0]]
     return np.concatenate(rows) if rows else None
+
+
+def cut_at_stop(tokens, stop_ids: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """The tokens before the first stop token (int [n]), and whether there was one."""
+    tokens = np.asarray(tokens).reshape(-1)
+    hit = np.flatnonzero(np.isin(tokens, np.asarray(list(stop_ids), tokens.dtype)))
+    return (tokens[: hit[0]], True) if hit.size else (tokens, False)
+
+
+# ---- training-format rows ------------------------------------------------------------------------
+
+
+def answer_spans(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(start [B], length [B]) of each row's answer targets (length 0 for rows without one) in
+    a training-format batch; `start` is the row's last prompt token (its target is the answer's
+    first token).
+
+    Raises ValueError for a packed row (more than one segment) or an answer split in pieces
+    (multi-turn), which answering rows does not handle."""
+    mask = np.asarray(batch["loss_mask"])
+    seg = np.asarray(batch["segment_ids"])
+    starts = np.zeros(len(mask), np.int32)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    for r, row in enumerate(mask):
+        if not lengths[r]:
+            continue
+        if seg[r].max() > 1:
+            raise ValueError(f"evaluation row {r} holds {seg[r].max()} packed samples; evaluate unpacked rows")
+        first = int(np.argmax(row))
+        if not row[first: first + lengths[r]].all():
+            raise ValueError(f"evaluation row {r} has a non-contiguous answer (multi-turn); use single-turn samples")
+        starts[r] = first
+    return starts, lengths
+
+
+def batch_prompts(batch: Mapping[str, np.ndarray], pad_token_id: int = 0) -> dict[str, Any]:
+    """`generate` arguments answering each row of a training-format batch (`nvlm_jax.data.batch`,
+    one sample per row): row r's prompt is its tokens up to and including its last prompt token
+    (see `answer_spans`), with its X/H ids; the tiles stay the batch's per-row
+    `[B, T, H, W, 3]` array, so batches of one shape share one compiled program. A row without
+    an answer gets a one-token stand-in prompt (`pad_token_id`) and no tiles."""
+    starts, lengths = answer_spans(batch)
+    has = lengths > 0
+    ids, token_image, token_tile = (np.asarray(batch[k], np.int32) for k in ("input_ids", "token_image",
+                                                                            "token_tile"))
+    standin = np.full(1, -1, np.int32)
+
+    def prompt(x, r, fill):
+        return x[r, : starts[r] + 1] if has[r] else np.full_like(standin, fill)
+
+    rows = range(len(ids))
+    return dict(
+        input_ids=[prompt(ids, r, pad_token_id) for r in rows],
+        pixel_values=np.asarray(batch["pixel_values"], np.float32),
+        tile_valid=np.asarray(batch["tile_valid"], bool) & has[:, None],
+        tile_image=np.asarray(batch["tile_image"], np.int32),
+        token_image=[prompt(token_image, r, -1) for r in rows],
+        token_tile=[prompt(token_tile, r, -1) for r in rows],
+    )
+
+
+def greedy_batch(
+    params,
+    cfg: NVLMConfig,
+    batch: Mapping[str, np.ndarray],
+    max_new_tokens: int | None = None,
+    *,
+    stop_token_ids: Sequence[int] = (),
+    prompt_bucket: int = PROMPT_BUCKET,
+    mesh: jax.sharding.Mesh | None = None,
+    runner: Runner | None = None,
+) -> np.ndarray:
+    """Greedy answers, int32 `[B, steps]`, to the rows of a training-format batch (see
+    `batch_prompts`; rows without an answer hold arbitrary tokens). The image context token is
+    never generated. `max_new_tokens` defaults to the longest answer (its stop token included);
+    a row's tokens after its stop token repeat the stop token. For a fixed program over several
+    batches, give them one `max_new_tokens` and a `prompt_bucket` at least their longest prompt."""
+    _, lengths = answer_spans(batch)
+    pad = next(iter(stop_token_ids), 0)  # cut off with the stop token anyway
+    out = generate(
+        params, cfg, **batch_prompts(batch, pad), max_new_tokens=int(max_new_tokens or max(lengths.max(), 1)),
+        stop_token_ids=stop_token_ids, suppress_token_ids=(cfg.image_context_token_id,), pad_token_id=pad,
+        mesh=mesh, prompt_bucket=prompt_bucket, runner=runner,
+    )
+    return out.tokens

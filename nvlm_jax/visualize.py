@@ -234,7 +234,7 @@ def answer_saliency(
     import jax.numpy as jnp
 
     from nvlm_jax.models import nvlm
-    from nvlm_jax.train.step import token_stats
+    from nvlm_jax.models.loss import token_stats
 
     image = _as_pil(image)
     if answer is None:
@@ -266,7 +266,7 @@ def answer_saliency(
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Records of a metrics JSONL file, or of `<workdir>/metrics.jsonl` when given a folder."""
-    from nvlm_jax.train.metrics import METRICS_FILE, read_jsonl
+    from nvlm_jax.records import METRICS_FILE, read_jsonl
 
     path = Path(path)
     if path.is_dir():

@@ -100,6 +100,34 @@ def test_stop_tokens_end_each_row_and_the_loop(model):
         assert out.shape[1] == max(first) + 1  # the loop ended when every row had stopped
 
 
+def test_suppressed_tokens_are_never_chosen(model):
+    cfg, params = model
+    ids = [np.arange(1, 9, dtype=np.int32)]
+    free = generate(params, cfg, ids, max_new_tokens=6, return_logits=True)
+    banned = sorted(set(free.tokens[0].tolist()))
+    out = generate(params, cfg, ids, max_new_tokens=6, suppress_token_ids=banned, return_logits=True)
+    assert not np.isin(out.tokens, banned).any()
+    first = free.logits[0, 0].copy()
+    first[banned] = -np.inf
+    assert out.tokens[0, 0] == first.argmax()
+    np.testing.assert_array_equal(out.logits[0, 0], first)
+
+
+def test_d_per_row_tiles_equal_tiles_in_order(model):
+    cfg, params = model
+    prompts, pixels = _prompts(cfg)
+    flat = generate(params, cfg, prompts, np.concatenate([p for p in pixels if p is not None]),
+                    max_new_tokens=6, return_logits=True)
+    rows = np.zeros((3, 3, 28, 28, 3), np.float32)  # 3 slots: one left unused by every row
+    valid = np.zeros((3, 3), bool)
+    for i, px in enumerate(pixels):
+        if px is not None:
+            rows[i, : len(px)], valid[i, : len(px)] = px, True
+    per_row = generate(params, cfg, prompts, rows, tile_valid=valid, max_new_tokens=6, return_logits=True)
+    np.testing.assert_array_equal(per_row.tokens, flat.tokens)
+    np.testing.assert_allclose(per_row.logits, flat.logits, atol=2e-5, rtol=0)
+
+
 def test_sample_logits_filters():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 64, np.float32))
     keys = jax.random.key(0)

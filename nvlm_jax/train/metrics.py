@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nvlm_jax.records import METRICS_FILE, read_jsonl  # noqa: F401  (read_jsonl: re-exported for callers)
 from nvlm_jax.train.tensorboard import EventWriter
 
-METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -128,18 +128,6 @@ class NullLogger:
 
     def close(self) -> None:
         pass
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics JSONL file (a torn last line from a killed run is skipped)."""
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def measure_peak_flops(size: int = 2048, repeats: int = 5, device=None) -> float:

@@ -1,9 +1,15 @@
-"""Greedy answers by repeated full forwards, and exact-match scoring."""
+"""Held-out evaluation: greedy answers from the KV-cache decoder equal the former decoder's
+(full training forwards, one per token) for D, X and H, and exact-match scoring."""
+
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nvlm_jax.config import tiny
+from nvlm_jax.generate import greedy_batch
 from nvlm_jax.models import nvlm
 from nvlm_jax.train import evaluate
 from tests.train import fakes
@@ -17,42 +23,94 @@ def _batch():
     return fakes.pack(CFG, rows, seq_len=32, tile_slots=1)
 
 
-def test_answer_spans_and_decoding_batch():
+def test_answer_spans():
     batch = _batch()
     starts, lengths = evaluate.answer_spans(batch)
     assert list(lengths) == [3, 2]
     assert all(batch["loss_mask"][r, starts[r]] and not batch["loss_mask"][r, starts[r] - 1] for r in range(2))
-    dec = evaluate.decoding_batch(batch, starts, max_new_tokens=6)
-    real = batch["segment_ids"] > 0
-    for r in range(2):
-        end = starts[r] + 7
-        assert (dec["segment_ids"][r, :end] == 1).all() and (dec["segment_ids"][r, end:] == 0).all()
-        assert (dec["token_image"][r, starts[r] + 1: end] == batch["token_image"][r, starts[r]]).all()
-        assert (dec["token_tile"][r, starts[r] + 1:] == -1).all()
-    assert (dec["positions"][real] == batch["positions"][real]).all()
     packed = fakes.pack(CFG, [[fakes.sample(CFG, np.random.default_rng(1))] * 2], seq_len=64, tile_slots=2)
-    try:
+    with pytest.raises(ValueError, match="packed"):
         evaluate.answer_spans(packed)
-        raise AssertionError("packed rows must be refused")
-    except ValueError as e:
-        assert "packed" in str(e)
 
 
-def test_greedy_fill_equals_step_by_step_argmax():
-    params = fakes.random_params(CFG)
-    batch = _batch()
-    starts, _ = evaluate.answer_spans(batch)
-    dec = evaluate.decoding_batch(batch, starts, 3)
-    tokens = np.asarray(evaluate.greedy_fill(params, dec, starts, cfg=CFG, max_new_tokens=3))
-    forward = jax.jit(lambda p, b: nvlm.apply_batch(p, CFG, b))
-    ids = dec["input_ids"].copy()
-    for j in range(3):
-        logits = np.asarray(forward(params, dict(dec, input_ids=ids)))
-        for r in range(2):
-            row = logits[r, starts[r] + j].copy()
-            row[CFG.image_context_token_id] = -np.inf
-            assert tokens[r, j] == row.argmax()
-            ids[r, starts[r] + j + 1] = tokens[r, j]
+# ---- the former decoder, kept here as the reference ----------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
+def _full_forward_greedy(params, batch, start, *, cfg, max_new_tokens):
+    """Greedy continuation of each row from `start[b]` by one full training forward per token
+    (the image context token never chosen), on `_decoding_batch` rows."""
+    ids = batch["input_ids"]
+    b, s = ids.shape
+    rows = jnp.arange(b)
+
+    def body(j, carry):
+        ids, out = carry
+        logits = nvlm.apply_batch(params, cfg, dict(batch, input_ids=ids))
+        pos = jnp.clip(start + j, 0, s - 1)
+        tok = jnp.argmax(logits[rows, pos].at[:, cfg.image_context_token_id].set(-jnp.inf), axis=-1)
+        out = out.at[:, j].set(tok.astype(jnp.int32))
+        nxt = jnp.clip(pos + 1, 0, s - 1)
+        return ids.at[rows, nxt].set(jnp.where(pos + 1 < s, tok, ids[rows, nxt])), out
+
+    return jax.lax.fori_loop(0, max_new_tokens, body, (ids, jnp.zeros((b, max_new_tokens), jnp.int32)))[1]
+
+
+def _decoding_batch(batch, starts, max_new_tokens):
+    """Each row's sample extended over the decoding positions; generated tokens belong to the
+    last prompt token's image and name no tile."""
+    out = {k: np.array(v) for k, v in batch.items()}
+    b, s = out["input_ids"].shape
+    idx = np.arange(s)[None, :]
+    end = np.minimum(starts[:, None] + max_new_tokens + 1, s)
+    real = np.asarray(batch["segment_ids"]) > 0
+    keep = real.any(axis=1, keepdims=True)
+    out["segment_ids"] = np.where(keep & ((idx < end) | real), 1, 0).astype(np.int32)
+    out["positions"] = np.broadcast_to(idx, (b, s)).astype(np.int32).copy()
+    after = idx > starts[:, None]
+    last_image = np.take_along_axis(out["token_image"], starts[:, None].astype(np.int64), axis=1)
+    out["token_image"] = np.where(after, last_image, out["token_image"]).astype(np.int32)
+    out["token_tile"] = np.where(after, -1, out["token_tile"]).astype(np.int32)
+    return out
+
+
+def _h_sample(cfg, rng, **kwargs):
+    """A two-tile sample for NVLM-H: only the thumbnail's (last tile's) tokens are in the text."""
+    s = fakes.sample(cfg, rng, tiles=2, **kwargs)
+    keep = np.ones(len(s["ids"]), bool)
+    keep[3: 3 + cfg.num_image_tokens] = False  # ids: 2 text, tag 0, tile 0's tokens, tag 1, ...
+    ids = s["ids"][keep]
+    return dict(s, ids=ids, targets=np.append(ids[1:], 0).astype(np.int32), loss_mask=s["loss_mask"][keep],
+                token_tile=s["token_tile"][keep])
+
+
+def _arch_batch(cfg, seed=0):
+    """Four rows of different prompt lengths (one left without an answer), 2 tile slots."""
+    rng = np.random.default_rng(seed)
+    make = functools.partial(_h_sample, cfg) if cfg.arch == "H" else functools.partial(fakes.sample, cfg, tiles=2)
+    rows = [[make(rng, prompt_len=p, answer_len=a)] for p, a in ((4, 6), (9, 3), (1, 5))] + [[]]
+    return fakes.pack(cfg, rows, seq_len=48 if cfg.arch == "X" else 64 + 3 * cfg.num_image_tokens, tile_slots=2)
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_kv_cache_answers_equal_full_forward_answers(arch):
+    cfg = tiny(arch)
+    params = nvlm.init_params(cfg, jax.random.key(1))
+    if arch != "D":  # open the gates so the cross-attended tiles change the answers
+        params["xattn"] = dict(params["xattn"], attn_gate=jnp.full_like(params["xattn"]["attn_gate"], 0.5),
+                               ffn_gate=jnp.full_like(params["xattn"]["ffn_gate"], 0.5))
+    batch = _arch_batch(cfg)
+    starts, lengths = evaluate.answer_spans(batch)
+    assert list(lengths) == [6, 3, 5, 0]
+    steps = 8
+    want = np.asarray(_full_forward_greedy(params, _decoding_batch(batch, starts, steps), starts, cfg=cfg,
+                                           max_new_tokens=steps))
+    got = greedy_batch(params, cfg, batch, steps)
+    np.testing.assert_array_equal(got[:3], want[:3])
+    assert not (got == cfg.image_context_token_id).any()
+    # The tiles matter: other pixels give other answers (so the comparison above sees them).
+    other = dict(batch, pixel_values=np.asarray(batch["pixel_values"])[::-1].copy())
+    assert (greedy_batch(params, cfg, other, steps)[:3] != got[:3]).any()
 
 
 def test_exact_match_needs_the_stop_token_and_the_same_text(monkeypatch):
@@ -64,8 +122,11 @@ def test_exact_match_needs_the_stop_token_and_the_same_text(monkeypatch):
     fake = np.zeros((2, 3), np.int32)
     fake[0, : lengths[0]] = answers[0]
     fake[1] = answers[1][0]
-    monkeypatch.setattr(evaluate, "greedy_fill", lambda *a, **k: fake)
+    monkeypatch.setattr(evaluate, "greedy_batch", lambda *a, **k: fake)
     preds = evaluate.predict(None, CFG, batch, lambda ids: " ".join(map(str, ids)), [stop])
     assert [p.correct for p in preds] == [True, False]
     assert preds[0].prediction == preds[0].reference
-    assert evaluate.cut_at_stop([5, 6, stop, 7], [stop]) == ([5, 6], True)
+    tokens, stopped = evaluate.cut_at_stop([5, 6, stop, 7], [stop])
+    assert tokens.tolist() == [5, 6] and stopped
+    tokens, stopped = evaluate.cut_at_stop(np.array([5, 6]), [stop])
+    assert tokens.tolist() == [5, 6] and not stopped
