@@ -3,27 +3,36 @@
     python -m nvlm_jax.chat --checkpoint=DIR --image=photo.jpg --question="Describe the image."
     python -m nvlm_jax.chat --checkpoint=DIR --image=a.png --image=b.png --interactive
 
-`--checkpoint` is one of our Orbax folders (NVLM-D, -X or -H: `model.chat` builds each arch's
-prompt and per-row tiles) or a Hugging Face NVLM-D folder. With
+`--checkpoint` is anything `nvlm_jax.load_pretrained` reads: a converted folder (NVLM-D, -X or
+-H: `model.chat` builds each arch's prompt and per-row tiles), a Hugging Face NVLM-D folder, a
+training workdir (its latest checkpoint, or `--step=best` / a number) or one
+`checkpoints/<step>` folder; prompts follow the checkpoint's saved prompt format. With
 `--interactive`, questions are read from stdin one per line (the first one may come from
 `--question`) and the conversation history is kept; an empty line or end of input quits.
 Compiled programs go to the persistent compilation cache (`nvlm_jax.compile_cache`).
+Mistakes (a checkpoint or image that is not there, bad flag values) are one line on stderr and
+exit status 2, before the model loads; load progress goes to stderr; `--verbosity=0` shows the
+libraries' INFO logs.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from nvlm_jax import cli
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """The CLI's flags (defined only when run as a program, so importing this module adds none)."""
-    flags.DEFINE_string("checkpoint", None, "Our Orbax checkpoint folder (NVLM-D/X/H) or a Hugging Face NVLM-D "
-                        "folder.")
+    flags.DEFINE_string("checkpoint", None, "A converted folder (NVLM-D/X/H), a Hugging Face NVLM-D folder, a "
+                        "training workdir or one of its checkpoints/<step> folders.")
+    flags.DEFINE_string("step", "latest", "Training workdir: 'latest', 'best' (its keep-best metric) or a step.")
     flags.DEFINE_multi_string("image", [], "Image file(s); repeat the flag for several images.")
     flags.DEFINE_string("question", None, "The question (required unless --interactive).")
     flags.DEFINE_bool("interactive", False, "Keep asking questions from stdin, with history.")
@@ -45,11 +54,32 @@ def _read_line(prompt: str) -> str | None:
     return None if not line else line.rstrip("\n")
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _check_flags():
+    """Everything checkable before loading (`cli.UserError`); returns the located checkpoint."""
+    from nvlm_jax.checkpoint.folders import locate, parse_step
+    from nvlm_jax.checkpoint.paths import as_path
+
     if not FLAGS.interactive and not FLAGS.question:
-        raise app.UsageError("give --question (or --interactive)")
+        raise cli.UserError("give --question (or --interactive)")
+    if FLAGS.max_new_tokens < 1:
+        raise cli.UserError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
+    if FLAGS.temperature <= 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.top_k < 0 or FLAGS.tensor_parallel < 0:
+        raise cli.UserError("--temperature must be > 0, --top_p in (0, 1], --top_k and --tensor_parallel >= 0")
+    try:
+        located = locate(FLAGS.checkpoint, parse_step(FLAGS.step))
+        for image in FLAGS.image:
+            if not as_path(image).is_file():
+                raise cli.UserError(f"--image {image}: no such file")
+    except cli.UserError:
+        raise
+    except ValueError as e:  # CheckpointNotFoundError included
+        raise cli.UserError(str(e)) from None
+    return located
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    located = _check_flags()
     import jax
 
     import nvlm_jax
@@ -59,12 +89,18 @@ def main(argv: Sequence[str]) -> None:
 
     enable_compilation_cache()  # a restart reuses the compiled prefill/decode programs
 
+    step = located.step if located.kind == "workdir" else "latest"
+    print(f"loading {located.path} ({located.describe()})...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     mesh = None
     if FLAGS.tensor_parallel:
         mesh = make_mesh(data=1, fsdp=-1, tensor=FLAGS.tensor_parallel)
     elif jax.device_count() > 1:
-        mesh = choose_mesh(read_config(FLAGS.checkpoint), jax.device_count())
-    model = nvlm_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype, mesh=mesh)
+        mesh = choose_mesh(read_config(located.path, step), jax.device_count())
+    model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if model.tokenizer is None:
+        cli.fail(f"{located.path} has no tokenizer files; chat needs them")
     images = list(FLAGS.image) or None
     options = dict(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample, temperature=FLAGS.temperature,
                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
@@ -81,4 +117,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

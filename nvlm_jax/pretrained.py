@@ -1,10 +1,15 @@
-"""`load_pretrained`: a Hugging Face NVLM-D folder or one of our Orbax folders → a ready model.
+"""`load_pretrained`: any checkpoint → a ready model. A Hugging Face NVLM-D folder, a converted
+folder, a training workdir (its latest step; or `step="best"` / a number) or one
+`checkpoints/<step>` folder: `nvlm_jax.checkpoint.folders.locate` decides which.
 
     model = nvlm_jax.load_pretrained("NVLM-D-72B/", dtype="bfloat16", mesh=make_mesh(tensor=8))
     model.chat("photo.jpg", "Describe the image.")
+    model = nvlm_jax.load_pretrained("runs/tiny")       # the run's latest checkpoint
 
 `NVLMModel` bundles the config, params (a plain dict of jax.Arrays, sharded when a mesh is
-given), the tokenizer (from the folder's own files) and jit-compiled entry points: `forward`
+given), the tokenizer (the folder's own files, or a training run's tokenizer), the prompt format
+it was trained with (`prompt_format`: tile tags, tile budget, thumbnail, system message; the
+release's for a Hugging Face folder) and jit-compiled entry points: `forward`
 (logits), `generate` (KV-cached decoding, see `nvlm_jax.generate`) and `chat` (the release's
 conversation flow: tiling, prompt template, `<image>` expansion, decoding of the answer).
 All three work for NVLM-D, -X and -H; `prepare_chat` builds one prompt's model inputs (ids,
@@ -21,24 +26,40 @@ import dataclasses
 import functools
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from nvlm_jax import convert
+from nvlm_jax.checkpoint import folders
+from nvlm_jax.checkpoint import restore as restore_lib
+from nvlm_jax.checkpoint.hf_import import load_hf_params
 from nvlm_jax.config import NVLMConfig
-from nvlm_jax.generate import GenerateOutput, PromptBatch, SamplingParams, generate, mesh_context, prepare_row_tiles
-from nvlm_jax.models.nvlm import NVLM, check_image_token_count, check_mesh
-from nvlm_jax.processing import EncodedPrompt, encode_prompt, get_special_tokens, load_tokenizer, tiling
-from nvlm_jax.processing.prompt import (
-    DEFAULT_SYSTEM_MESSAGE,
-    IMAGE_PLACEHOLDER,
-    CrossAttentionIds,
-    cross_attention_ids,
+from nvlm_jax.generate import (
+    GenerateOutput,
+    PromptBatch,
+    SamplingParams,
+    cut_at_stop,
+    generate,
+    mesh_context,
+    prepare_row_tiles,
 )
+from nvlm_jax.models.nvlm import NVLM, check_image_token_count, check_mesh
+from nvlm_jax.processing import EncodedPrompt, encode_prompt, get_special_tokens, tiling
+from nvlm_jax.processing.prompt import IMAGE_PLACEHOLDER, CrossAttentionIds, cross_attention_ids
+from nvlm_jax.processing.prompt_format import PromptFormat
+from nvlm_jax.processing.tokenizer import tokenizer_from_spec
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
+
+
+class _FromFormat:
+    """The default `system_message` of `NVLMModel`'s chat methods: the prompt format's."""
+
+    def __repr__(self) -> str:
+        return "<the prompt format's>"
+
+
+FROM_FORMAT: Any = _FromFormat()
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -98,8 +119,11 @@ class NVLMModel:
     Attributes:
       config: the `NVLMConfig` (its `dtype`/`param_dtype` are the loaded dtype).
       params: nested dict of jax.Arrays (on `mesh` when given).
-      tokenizer: the Hugging Face tokenizer of the checkpoint folder, or None if it has none.
+      tokenizer: the checkpoint's tokenizer, or None if it has none.
       mesh: the device mesh the params live on, or None (first device).
+      prompt_format: how prompts are written for this model (`PromptFormat`; default: the
+        model's, `PromptFormat.for_model(config)`); `prepare_chat` / `chat` follow it.
+      source: where it was loaded from (`folders.Located`), or None.
     """
 
     def __init__(
@@ -109,8 +133,12 @@ class NVLMModel:
         tokenizer: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         rules: LogicalRules = DEFAULT_RULES,
+        prompt_format: PromptFormat | None = None,
+        source: folders.Located | None = None,
     ):
         self.config, self.params, self.tokenizer, self.mesh, self.rules = config, params, tokenizer, mesh, rules
+        self.prompt_format = prompt_format or PromptFormat.for_model(config)
+        self.source = source
 
     def __repr__(self) -> str:
         c = self.config
@@ -242,31 +270,56 @@ class NVLMModel:
 
     # ---- chat ----
 
-    def _tile(self, image) -> np.ndarray:
+    def _tile(self, image) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """`([tiles, H, W, 3] pixels, (cols, rows) grid or None)` of one image, by the prompt
+        format's tile budget and thumbnail rule."""
         if isinstance(image, np.ndarray) and image.ndim == 4:
-            return image.astype(np.float32)  # already tiled: [tiles, H, W, 3]
+            return image.astype(np.float32), None  # already tiled: [tiles, H, W, 3]
         if isinstance(image, np.ndarray):
             from PIL import Image
 
             image = Image.fromarray(np.asarray(image, np.uint8))
-        c = self.config
-        return tiling.tile_image(image, c.max_tiles, tile_size=c.vision.image_size,
-                                 use_thumbnail=c.use_thumbnail).pixels
+        fmt = self.prompt_format
+        tiled = tiling.tile_image(image, fmt.max_tiles, tile_size=self.config.vision.image_size,
+                                  use_thumbnail=fmt.use_thumbnail)
+        return tiled.pixels, tuple(tiled.grid)
+
+    def tile_images(self, images) -> tuple[np.ndarray | None, list[int], list[tuple[int, int] | None]]:
+        """`prepare_images` plus each image's `(cols, rows)` grid (None for pre-tiled pixels)."""
+        if images is None:
+            return None, [], []
+        if not isinstance(images, list | tuple):
+            images = [images]
+        tiled = [self._tile(im) for im in images]
+        if not tiled:
+            return None, [], []
+        return np.concatenate([t for t, _ in tiled], axis=0), [t.shape[0] for t, _ in tiled], [g for _, g in tiled]
 
     def prepare_images(self, images) -> tuple[np.ndarray | None, list[int]]:
         """Tiles of every image, concatenated `[tiles, H, W, 3]`, and the tile count per image.
 
         images: None, one image or a list of images; an image is a path, bytes, a PIL image, an
-        `[H, W, 3]` uint8 array, or already-tiled float pixels `[tiles, H, W, 3]`.
+        `[H, W, 3]` uint8 array, or already-tiled float pixels `[tiles, H, W, 3]`. Tiled by the
+        prompt format's tile budget (`max_tiles`) and thumbnail rule.
         """
-        if images is None:
-            return None, []
-        if not isinstance(images, list | tuple):
-            images = [images]
-        tiles = [self._tile(im) for im in images]
-        if not tiles:
-            return None, []
-        return np.concatenate(tiles, axis=0), [t.shape[0] for t in tiles]
+        pixels, num_tiles, _ = self.tile_images(images)
+        return pixels, num_tiles
+
+    def encode(self, question, num_tiles: Sequence[int] = (), history=None, *,
+               grids: Sequence[tuple[int, int] | None] | None = None,
+               system_message: Any = FROM_FORMAT) -> EncodedPrompt:
+        """The prompt ids of one chat turn in this model's prompt format (tags, tokens per tile,
+        thumbnail rule, system message; an explicit `system_message`, None included, wins).
+        `grids`: the `(cols, rows)` of each image, needed by the 2-D tag styles."""
+        fmt = self.prompt_format
+        system = fmt.system_message if system_message is FROM_FORMAT else system_message
+        if grids is not None and any(g is None for g in grids):
+            grids = None
+        return encode_prompt(
+            self.tokenizer, question, list(num_tiles), history, system_message=system, arch=self.config.arch,
+            tag_style=fmt.tag_style, grids=grids, tokens_per_tile=fmt.tokens_per_tile,
+            use_thumbnail=fmt.use_thumbnail,
+        )
 
     def prepare_chat(
         self,
@@ -274,24 +327,23 @@ class NVLMModel:
         question: str,
         history: Sequence[tuple[str, str]] | None = None,
         *,
-        system_message: str | None = DEFAULT_SYSTEM_MESSAGE,
+        system_message: Any = FROM_FORMAT,
     ) -> ChatInputs:
-        """The model inputs of one chat turn, for this model's arch.
+        """The model inputs of one chat turn, for this model's arch and prompt format.
 
-        Tiles the images, renders the release's prompt (NVLM-D: tags + image tokens for every
-        tile; X: tags only; H: tags, image tokens for the thumbnails) and, for X/H, computes the
-        cross-attention ids (`cross_attention_ids`). Without history, a question that has no
-        `<image>` gets one `<image>\\n` per image in front of it. Arguments as `chat`.
+        Tiles the images (the format's tile budget and thumbnail rule), renders the prompt
+        (NVLM-D: tags + image tokens for every tile; X: tags only; H: tags, image tokens for the
+        thumbnails; tags in the format's style) and, for X/H, computes the cross-attention ids
+        (`cross_attention_ids`). Without history, a question that has no `<image>` gets one
+        `<image>\\n` per image in front of it. `system_message`: default the format's; an
+        explicit value (None: no system turn) wins. Arguments as `chat`.
         """
         self._require_tokenizer()
-        pixels, num_tiles = self.prepare_images(images)
+        pixels, num_tiles, grids = self.tile_images(images)
         if history is None and num_tiles and isinstance(question, str) and IMAGE_PLACEHOLDER not in question:
             question = (IMAGE_PLACEHOLDER + "\n") * len(num_tiles) + question
         c = self.config
-        prompt = encode_prompt(
-            self.tokenizer, question, num_tiles, history, system_message=system_message, arch=c.arch,
-            tokens_per_tile=c.num_image_tokens, use_thumbnail=c.use_thumbnail,
-        )
+        prompt = self.encode(question, num_tiles, history, grids=grids, system_message=system_message)
         cross = cross_attention_ids(prompt) if c.arch in ("X", "H") else None
         return ChatInputs(question, prompt, pixels, cross)
 
@@ -304,7 +356,7 @@ class NVLMModel:
         do_sample: bool = False,
         *,
         return_history: bool = False,
-        system_message: str | None = DEFAULT_SYSTEM_MESSAGE,
+        system_message: Any = FROM_FORMAT,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -315,7 +367,8 @@ class NVLMModel:
         Without history, a question that has no `<image>` gets one `<image>\\n` per image in
         front of it. `history` holds earlier `(question, answer)` turns (as returned with
         `return_history=True`); their `<image>` placeholders refer to `images` too, so pass the
-        same images again. Returns the answer (decoded without special tokens, cut at
+        same images again. The prompt follows `prompt_format` (its system message unless
+        `system_message` is given; None: no system turn). Returns the answer (decoded without special tokens, cut at
         `<|im_end|>`, stripped), and the updated history when `return_history`.
         """
         special = self._require_tokenizer()
@@ -330,25 +383,20 @@ class NVLMModel:
             ids = inputs.cross_ids
             options.update(token_image=[ids.token_image], token_tile=[ids.token_tile], tile_image=[ids.tile_image])
         tokens = self.generate(inputs.input_ids[None], pixels, max_new_tokens, do_sample, **options)[0]
-        stop = np.flatnonzero(tokens == special.im_end)
-        if stop.size:
-            tokens = tokens[: stop[0]]
+        tokens, _ = cut_at_stop(tokens, (special.im_end,))
         answer = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
         if return_history:
             return answer, list(history or []) + [(question, answer)]
         return answer
 
 
-def read_config(path: str | os.PathLike) -> NVLMConfig:
-    """The config of a checkpoint folder (ours or a Hugging Face one) without reading weights.
+def read_config(path: str | os.PathLike, step: folders.Step = "latest") -> NVLMConfig:
+    """The config of any checkpoint `load_pretrained` reads, without reading weights.
 
     For a Hugging Face folder this is `NVLMConfig.from_hf` (the release's 7 dummy ViT heads
     assumed); `load_pretrained` refines it from the tensors and the tokenizer.
     """
-    folder = Path(path)
-    if convert.is_our_checkpoint(folder):
-        return convert.read_our_config(folder)
-    return NVLMConfig.from_hf(folder / convert.HF_CONFIG_FILE)
+    return restore_lib.read_config(path, step)
 
 
 def choose_mesh(cfg: NVLMConfig, num_devices: int, rules: LogicalRules = DEFAULT_RULES) -> jax.sharding.Mesh:
@@ -366,37 +414,48 @@ def choose_mesh(cfg: NVLMConfig, num_devices: int, rules: LogicalRules = DEFAULT
 
 def load_pretrained(
     path: str | os.PathLike,
-    dtype: str = "bfloat16",
+    dtype: str | None = "bfloat16",
     mesh: jax.sharding.Mesh | None = None,
     *,
+    step: folders.Step = "latest",
     rules: LogicalRules = DEFAULT_RULES,
     drop_dummy_heads: bool = False,
     progress: bool = False,
 ) -> NVLMModel:
-    """Loads an NVLM model from a Hugging Face folder or one of our Orbax checkpoint folders.
+    """Loads an NVLM model from any checkpoint (see `nvlm_jax.checkpoint.folders`).
 
     Args:
       path: an NVLM-D release-layout folder (`config.json` + safetensors [+ index] + tokenizer
-        files; converted on the fly, one param at a time) or a folder written by
-        `nvlm_jax.convert` (`nvlm_config.json` + `params/`).
-      dtype: params are stored and computed in this dtype ("bfloat16", or "float32" for parity).
+        files; converted on the fly, one param at a time), a folder written by
+        `nvlm_jax.convert` (`nvlm_config.json` + `params/`), a training workdir
+        (`checkpoints/<step>/`) or one `checkpoints/<step>` folder; local, `file://` or a
+        remote scheme such as `gs://` (with its fsspec backend installed).
+      dtype: params are stored and computed in this dtype ("bfloat16", or "float32" for
+        parity); None = the checkpoint's own (`param_dtype`; bfloat16 for a Hugging Face folder).
       mesh: place the params sharded over this mesh by the logical-axis `rules`; None = first device.
+      step: training workdirs: "latest" (complete) checkpoint, "best" (by the run's keep-best
+        metric) or a step number.
       drop_dummy_heads: HF folders only: slice the verified-zero dummy ViT heads away.
       progress: HF folders only: draw a progress bar.
+
+    Raises:
+      CheckpointNotFoundError (a FileNotFoundError) when `path` or the step does not exist,
+      ValueError when `path` is no checkpoint kind or does not fit its config.
     """
-    folder = Path(path)
-    if convert.is_our_checkpoint(folder):
-        cfg = convert._with_dtype(convert.read_our_config(folder), dtype)
-        params = convert.load_our_params(folder, cfg, mesh, rules)
-    elif (folder / convert.HF_CONFIG_FILE).is_file():
-        cfg, params = convert.load_hf_params(folder, dtype, mesh, drop_dummy_heads=drop_dummy_heads,
-                                             progress=progress, rules=rules)
+    info = restore_lib.read_info(path, step)
+    loc = info.located
+    if loc.kind == "hf":
+        cfg, params = load_hf_params(_local_root(loc), dtype or "bfloat16", mesh,
+                                     drop_dummy_heads=drop_dummy_heads, progress=progress, rules=rules)
     else:
-        raise ValueError(
-            f"{folder}: neither an nvlm_jax checkpoint ({convert.OUR_CONFIG_FILE} + {convert.PARAMS_DIR}/) "
-            f"nor a Hugging Face folder ({convert.HF_CONFIG_FILE})"
-        )
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-        tokenizer = load_tokenizer(folder)
-    return NVLMModel(cfg, params, tokenizer, mesh, rules)
+        cfg = restore_lib.with_dtype(info.config, dtype) if dtype else info.config
+        params, _ = restore_lib.load_params(loc, cfg, mesh, rules)
+    tokenizer = tokenizer_from_spec(info.tokenizer) if info.tokenizer is not None else None
+    return NVLMModel(cfg, params, tokenizer, mesh, rules, prompt_format=info.prompt_format, source=loc)
+
+
+def _local_root(loc: folders.Located):
+    """A Hugging Face folder as a local path (safetensors are memory-mapped)."""
+    from nvlm_jax.checkpoint.paths import local_path
+
+    return local_path(loc.root, "a Hugging Face folder")

@@ -11,7 +11,7 @@ layout to ours, and whether the key carries a layer index (layers are stacked on
   q/k/v projections).
 
 `params_from_tensors` assembles a params tree from an in-memory mapping and reports every
-problem at once; the streaming converter (`nvlm_jax.convert`) uses the same rules one tensor at
+problem at once; the streaming converter (`nvlm_jax.checkpoint.plan`) uses the same rules one tensor at
 a time. Every transform carries its exact inverse, so the same table also exports our params
 back to the PyTorch layout (`layout_slots` lists the keys, `Rule.transform.inverse` lays the
 tensors out). `VIT_HEAD_AXES` says where the ViT arrays keep their heads, for checking,

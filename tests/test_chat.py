@@ -164,3 +164,61 @@ def test_xh_chat_answers_and_the_image_reaches_the_model(arch, tiny_tokenizer):
     first = np.asarray(model.forward(inputs))[0, -1]  # the logits of the first answer token
     other = np.asarray(model.forward(model.prepare_chat(_image(60, 30, seed=5), "What is it?")))[0, -1]
     assert np.abs(first - other).max() > 1e-4, "the image must change the logits"
+
+
+# ---- the prompt format ---------------------------------------------------------------------------
+
+
+def test_prepare_chat_follows_the_models_prompt_format(tiny_tokenizer):
+    from nvlm_jax import config
+    from nvlm_jax.data.pipeline import config_for_tokenizer
+    from nvlm_jax.processing.prompt_format import PromptFormat
+
+    cfg = config_for_tokenizer(config.tiny("D"), tiny_tokenizer)
+    fmt = PromptFormat.for_model(cfg, tag_style="2d_grid", max_tiles=2, system_message="Be brief.")
+    model = nvlm_jax.NVLMModel(cfg, None, tiny_tokenizer, prompt_format=fmt)  # prompts only
+    inputs = model.prepare_chat(_image(90, 30), "What is it?")  # 3:1 wants 3x1, the budget allows 2x1
+    assert inputs.prompt.num_tiles == (3,)  # 2 tiles + thumbnail
+    text = inputs.prompt.text
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "<tile_x1_y1>" in text
+    no_system = model.prepare_chat(_image(90, 30), "What is it?", system_message=None).prompt.text
+    assert no_system.startswith("<|im_start|>user\n")
+    default = nvlm_jax.NVLMModel(cfg, None, tiny_tokenizer)
+    assert default.prompt_format == PromptFormat.for_model(cfg)
+    assert "<tile_1>" in default.prepare_chat(_image(90, 30), "What is it?").prompt.text
+
+
+# ---- the CLI on a training workdir, and its errors ----------------------------------------------------
+
+
+def _cli(args, cwd, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR="off", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "nvlm_jax.chat", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def test_chat_cli_answers_from_a_training_workdir_in_any_directory(tmp_path):
+    from tests.checkpoint.workdir import tiny_model, write_workdir
+
+    cfg, params, _ = tiny_model()
+    write_workdir(tmp_path / "run", cfg, params, [(3, None)])
+    _image(60, 30).save(tmp_path / "a.png")
+    run = _cli([f"--checkpoint={tmp_path / 'run'}", f"--image={tmp_path / 'a.png'}", "--question=What is it?",
+                "--max_new_tokens=2", "--dtype=float32"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"loading {tmp_path / 'run'} (training workdir, step 3)..." in run.stderr and "loaded in" in run.stderr
+    assert "INFO" not in run.stderr and len(run.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint=/no/such/run", "--question=hi"], "/no/such/run: checkpoint path does not exist"),
+    (["--checkpoint=.", "--question=hi"], "not a checkpoint: expected a Hugging Face folder"),
+    (["--checkpoint={ckpt}", "--image=missing.png", "--question=hi"], "--image missing.png: no such file"),
+    (["--checkpoint={ckpt}", "--question=hi", "--max_new_tokens=many"], "flag --max_new_tokens=many"),
+    (["--checkpoint={ckpt}"], "give --question (or --interactive)"),
+])
+def test_chat_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    run = _cli([a.format(ckpt=hc.tiny_converted()) for a in args], cwd=tmp_path)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and message in run.stderr
+    assert run.stderr.startswith("nvlm_jax.chat: error: ")

@@ -1,25 +1,14 @@
-"""HF release layout → Orbax conversion, validation of corrupt inputs, export round trip, assembly."""
+"""The convert CLI: flags, sizes, and a conversion from the command line."""
 
-import dataclasses
-import json
 import os
 import subprocess
 import sys
 
-import jax
-import ml_dtypes
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file as torch_load_file
-from safetensors.torch import save_file as torch_save_file
 
 from nvlm_jax import convert
-from nvlm_jax import weight_map as wm
-from nvlm_jax.config import NVLMConfig
-from nvlm_jax.safetensors_io import SafetensorsFile
 from tests import hf_checkpoint as hc
-from tests import torch_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,309 +16,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def release():
     return hc.tiny_release()
-
-
-def _flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _strip_dummy(params, real):
-    """Our params with the dummy ViT heads sliced away (after checking they are zero)."""
-    flat = _flat(params)
-    for path, axis in wm.VIT_HEAD_AXES.items():
-        name = "/".join(path)
-        if name in flat:
-            x = flat[name]
-            extra = x[wm.heads_slice(x.ndim, axis + 1, real)]
-            assert not np.any(extra), name
-            flat[name] = x[wm.heads_slice(x.ndim, axis + 1, 0, real)]
-    return flat
-
-
-def test_converted_folder_holds_params_config_and_tokenizer(release):
-    out = hc.tiny_converted()
-    assert sorted(p.name for p in out.iterdir()) == ["nvlm_config.json", "params", "tokenizer.json",
-                                                     "tokenizer_config.json"]
-    cfg = convert.read_our_config(out)
-    want = release.cfg.replace(vision=dataclasses.replace(release.cfg.vision, num_dummy_heads=2),
-                               dtype="float32", param_dtype="float32")
-    assert cfg == want
-    assert not any(p.name.startswith(".ckpt") for p in out.parent.iterdir())  # temp folder renamed away
-
-
-def test_converted_params_equal_the_torch_weights(release):
-    out = hc.tiny_converted()
-    cfg = convert.read_our_config(out)
-    params = convert.load_our_params(out, cfg)
-    assert params["vision"]["layers"]["attn"]["qkv"]["kernel"].shape == (2, 32, 3, 4, 16)  # 2 + 2 dummy heads
-    got = _strip_dummy(params, real=2)
-    want = _flat(ref.jax_params_for(release.torch_model))
-    assert sorted(got) == sorted(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-
-
-def test_dropping_dummy_heads_slices_them_exactly(release):
-    cfg, params = convert.load_hf_params(release.folder, "float32", drop_dummy_heads=True)
-    assert cfg.vision.num_dummy_heads == 0 and cfg.vision.total_heads == 2
-    want = _flat(ref.jax_params_for(release.torch_model))
-    got = _flat(params)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-
-
-def test_float32_tensors_are_rounded_to_bfloat16_like_torch(tmp_path):
-    model = ref.TorchNVLMD(hc.tiny_cfg(), seed=3)  # weights not bf16-representable
-    folder = hc.write_release(tmp_path / "hf", model, dummy_heads=0)
-    key = "language_model.model.layers.0.self_attn.q_proj.weight"
-    stored = SafetensorsFile(folder / _shard_of(folder, key))
-    assert stored.info(key).dtype == np.float32  # stored in fp32 like the release
-    cfg, params = convert.load_hf_params(folder, "bfloat16")
-    assert cfg.param_dtype == "bfloat16"
-    w = model.language_model.model.layers[0].self_attn.q_proj.weight.detach()
-    want = w.to(torch.bfloat16).T.reshape(64, 4, 16).contiguous().view(torch.int16).numpy()
-    got = np.asarray(params["llm"]["layers"]["q_proj"]["kernel"][0]).view(np.int16)
-    np.testing.assert_array_equal(got, want)
-    assert params["llm"]["embed_tokens"].dtype == ml_dtypes.bfloat16
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_block_streamed_copies_equal_whole_tensor_copies(release, tmp_path, monkeypatch, dtype):
-    """Tiny block/piece sizes push every tensor through the pread-block and chunk-piece paths."""
-    _, whole = convert.load_hf_params(release.folder, dtype)
-    monkeypatch.setattr(convert, "READ_BLOCK_BYTES", 512)
-    monkeypatch.setattr(convert, "WRITE_PIECE_BYTES", 1024)
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 4096)
-    _, blocked = convert.load_hf_params(release.folder, dtype)
-    out = convert.convert(release.folder, tmp_path / "o", dtype=dtype, progress=False)
-    restored = convert.load_our_params(out, convert.read_our_config(out))
-    a, b, c = _flat(whole), _flat(blocked), _flat(restored)
-    for k in a:
-        assert a[k].tobytes() == b[k].tobytes() == c[k].tobytes(), k
-
-
-# ---- corrupted inputs ---------------------------------------------------------------------------
-
-
-def _shard_of(folder, key):
-    return json.loads((folder / convert.INDEX_FILE).read_text())["weight_map"][key]
-
-
-def _rewrite_shard(folder, name, edit):
-    tensors = torch_load_file(str(folder / name))
-    edit(tensors)
-    torch_save_file(tensors, str(folder / name), metadata={"format": "pt"})
-
-
-def _rename_key(folder, old, new):
-    name = _shard_of(folder, old)
-    _rewrite_shard(folder, name, lambda t: t.__setitem__(new, t.pop(old)))
-    index = json.loads((folder / convert.INDEX_FILE).read_text())
-    index["weight_map"][new] = index["weight_map"].pop(old)
-    (folder / convert.INDEX_FILE).write_text(json.dumps(index))
-
-
-def _truncate(folder):
-    path = folder / "model-00002-of-00003.safetensors"
-    path.write_bytes(path.read_bytes()[:-100])
-
-
-def _wrong_shape(folder):
-    key = "language_model.model.layers.1.mlp.up_proj.weight"
-    _rewrite_shard(folder, _shard_of(folder, key), lambda t: t.__setitem__(key, torch.zeros(127, 64)))
-
-
-def _nonzero_dummy(folder):
-    key = "vision_model.encoder.layers.1.attn.qkv.weight"
-
-    def edit(t):
-        t[key][4 * 16 + 2 * 16 + 5, 3] = 0.25  # K block, head 2 (a dummy head), row 5
-
-    _rewrite_shard(folder, _shard_of(folder, key), edit)
-
-
-def _unknown_arch(folder):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "llava"
-    cfg["architectures"] = ["LlavaForConditionalGeneration"]
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
-def _index_points_to_absent(folder):
-    index = json.loads((folder / convert.INDEX_FILE).read_text())
-    index["weight_map"]["vision_model.encoder.layers.0.attn.extra.weight"] = "model-00001-of-00003.safetensors"
-    (folder / convert.INDEX_FILE).write_text(json.dumps(index))
-
-
-def _pickled(folder):
-    for p in folder.glob("*.safetensors"):
-        p.unlink()
-    (folder / convert.INDEX_FILE).unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
-
-
-CORRUPTIONS = {
-    "truncated shard": (_truncate, r"model-00002-of-00003\.safetensors: truncated safetensors file"),
-    "missing shard": (lambda f: (f / "model-00002-of-00003.safetensors").unlink(),
-                      r"shard file model-00002-of-00003\.safetensors is missing \(the index lists \d+ tensors"),
-    "renamed key": (lambda f: _rename_key(f, "language_model.model.layers.1.mlp.gate_proj.weight",
-                                          "language_model.model.layers.1.mlp.gate.weight"),
-                    r"unexpected key 'language_model\.model\.layers\.1\.mlp\.gate\.weight'(.|\n)*"
-                    r"missing param llm/layers/mlp/gate_proj/kernel for layers \[1\]"),
-    "wrong shape": (_wrong_shape, r"key 'language_model\.model\.layers\.1\.mlp\.up_proj\.weight' \(model-\d+-of-\d+"
-                                  r"\.safetensors\): shape \(127, 64\) gives \(64, 127\), expected \(64, 128\)"),
-    "non-zero dummy head": (_nonzero_dummy, r"vision_model\.encoder\.layers\.1\.attn\.qkv\.weight.*dummy heads 2\.\.3 "
-                                            r"must be exactly zero, found 1 non-zero values \(max \|x\| = 0\.25\)"),
-    "unknown architecture": (_unknown_arch, r"config\.json: unknown architecture \(model_type='llava'"),
-    "index points to absent tensor": (
-        _index_points_to_absent,
-        r"the index maps 'vision_model\.encoder\.layers\.0\.attn\.extra\.weight' to "
-        r"model-00001-of-00003\.safetensors, which does not hold that tensor",
-    ),
-    "pickled weights": (_pickled, r"pytorch_model\.bin.*never unpickles(.|\n)*save_pretrained"),
-}
-
-
-@pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_corrupted_checkpoint_is_refused_and_nothing_is_written(release, tmp_path, name):
-    corrupt, message = CORRUPTIONS[name]
-    folder = hc.copy_release(release, tmp_path / "hf")
-    corrupt(folder)
-    with pytest.raises(ValueError, match=message):
-        convert.convert(folder, tmp_path / "out", progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
-
-
-def test_every_problem_is_listed_in_one_error(release, tmp_path):
-    folder = hc.copy_release(release, tmp_path / "hf")
-    _wrong_shape(folder)
-    _rename_key(folder, "vision_model.encoder.layers.0.norm1.weight", "vision_model.encoder.layers.0.norm_1.weight")
-    _index_points_to_absent(folder)
-    with pytest.raises(ValueError) as e:
-        convert.convert(folder, tmp_path / "out", progress=False)
-    msg = str(e.value)
-    assert msg.startswith("5 problem(s) converting")  # the bad shape also leaves its layer missing
-    for part in ("up_proj.weight' (", "unexpected key 'vision_model.encoder.layers.0.norm_1.weight'",
-                 "missing param vision/layers/norm1/scale for layers [0]", "does not hold that tensor"):
-        assert part in msg
-
-
-def test_existing_output_needs_overwrite(release, tmp_path):
-    (tmp_path / "out").mkdir()
-    with pytest.raises(ValueError, match="already exists"):
-        convert.convert(release.folder, tmp_path / "out", progress=False)
-    out = convert.convert(release.folder, tmp_path / "out", overwrite=True, progress=False)
-    assert (out / convert.OUR_CONFIG_FILE).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_progress_bar_counts_tensors_and_bytes(release, tmp_path, capfd):
-    convert.convert(release.folder, tmp_path / "out", progress=True)
-    err = capfd.readouterr().err
-    n = len(json.loads((release.folder / convert.INDEX_FILE).read_text())["weight_map"])
-    assert f"{n}/{n} tensors" in err and "convert" in err and "B/s" in err
-
-
-# ---- export -------------------------------------------------------------------------------------
-
-
-def _tensors(folder):
-    index = json.loads((folder / convert.INDEX_FILE).read_text())["weight_map"]
-    return {k: SafetensorsFile(folder / name).read(k) for k, name in index.items()}
-
-
-@pytest.mark.parametrize("drop", [False, True])
-def test_convert_then_export_is_bit_exact(tmp_path, drop):
-    model = ref.TorchNVLMD(hc.tiny_cfg(), seed=5)
-    source = hc.write_release(tmp_path / "hf", model, dummy_heads=2, fp32_pattern=None)  # all bf16
-    ours = convert.convert(source, tmp_path / "ours", dtype="bfloat16", drop_dummy_heads=drop, progress=False)
-    back = convert.export_checkpoint(ours, tmp_path / "back", vit_dummy_heads=2 if drop else None)
-    want, got = _tensors(source), _tensors(back)
-    assert list(got) == [s.key for s in wm.layout_slots("nvlm", convert._shapes(convert.read_our_config(ours)))]
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert got[k].tobytes() == want[k].tobytes(), k
-    cfg_back = NVLMConfig.from_hf(back / "config.json")
-    cfg_src = NVLMConfig.from_hf(source / "config.json")
-    assert cfg_back.replace(image_context_token_id=0) == cfg_src.replace(image_context_token_id=0)
-    assert (back / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
-
-
-def test_export_shards_by_size_and_round_trips_our_params(release, tmp_path):
-    out = hc.tiny_converted()
-    cfg = convert.read_our_config(out)
-    params = convert.load_our_params(out, cfg)
-    hf = convert.export_hf(params, cfg, tmp_path / "hf", max_shard_bytes=40_000, tokenizer_dir=out)
-    index = json.loads((hf / convert.INDEX_FILE).read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    assert index["metadata"]["total_size"] == sum(t.nbytes for t in _tensors(hf).values())
-    cfg2, params2 = convert.load_hf_params(hf, "float32")
-    assert cfg2 == cfg
-    a, b = _flat(params), _flat(params2)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def test_exporting_non_zero_heads_away_is_refused(release, tmp_path):
-    cfg, params = convert.load_hf_params(release.folder, "float32")  # 2 real + 2 dummy heads
-    qkv = np.array(params["vision"]["layers"]["attn"]["qkv"]["kernel"])
-    qkv[1, :, 0, 3] = 0.5  # a dummy head that is no longer zero
-    params["vision"]["layers"]["attn"]["qkv"]["kernel"] = qkv
-    with pytest.raises(ValueError, match="vision/layers/attn/qkv/kernel: heads 2.. are not zero"):
-        convert.export_hf(params, cfg, tmp_path / "x", vit_dummy_heads=0)
-    assert not (tmp_path / "x").exists()
-
-
-# ---- assembly of standalone checkpoints ---------------------------------------------------------
-
-
-def test_assemble_standalone_internvit_and_llm(release, tmp_path):
-    model = release.torch_model
-    vit = hc.write_standalone(tmp_path / "vit", hc.standalone_vit_state(model), hc.standalone_vit_config(release.cfg))
-    llm_dir = tmp_path / "llm"
-    model.language_model.save_pretrained(llm_dir, safe_serialization=True)
-    hc.make_tiny_tokenizer(llm_dir)
-    out = convert.assemble(vit, llm_dir, tmp_path / "nvlm", dtype="float32", seed=1, vit_dummy_heads=2,
-                           progress=False)
-    cfg = convert.read_our_config(out)
-    assert cfg.vision.num_dummy_heads == 2
-    assert cfg.image_context_token_id == hc.tiny_special_ids()["vision_pad"]
-    assert cfg.replace(vision=release.cfg.vision) == release.cfg.replace(dtype="float32", param_dtype="float32")
-    params = convert.load_our_params(out, cfg)
-    got, want = _strip_dummy(params, real=2), _flat(ref.jax_params_for(model))
-    for name in want:
-        if name.startswith("projector/"):
-            assert got[name].shape == want[name].shape and np.all(np.isfinite(got[name]))
-            assert not np.array_equal(got[name], want[name]) or name.startswith("projector/norm")
-        else:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    again = convert.assemble(vit, llm_dir, tmp_path / "nvlm2", dtype="float32", seed=1, progress=False)
-    p2 = convert.load_our_params(again, convert.read_our_config(again))
-    np.testing.assert_array_equal(p2["projector"]["fc1"]["kernel"], params["projector"]["fc1"]["kernel"])
-
-
-def test_assemble_initialises_cross_attention_for_nvlm_h(release, tmp_path):
-    model = release.torch_model
-    vit = hc.write_standalone(tmp_path / "vit", hc.standalone_vit_state(model), hc.standalone_vit_config(release.cfg))
-    llm_dir = tmp_path / "llm"
-    model.language_model.save_pretrained(llm_dir, safe_serialization=True)
-    out = convert.assemble(vit, llm_dir, tmp_path / "h", arch="H", dtype="float32",
-                           image_context_token_id=hc.tiny_special_ids()["vision_pad"], progress=False)
-    cfg = convert.read_our_config(out)
-    assert cfg.arch == "H" and cfg.xattn_every == 1  # 2 layers // 10 blocks, at least 1
-    params = convert.load_our_params(out, cfg)
-    assert sorted(params) == ["llm", "projector", "vision", "xattn"]
-    assert not np.any(np.asarray(params["xattn"]["attn_gate"]))  # untrained blocks are the identity
-    np.testing.assert_array_equal(params["llm"]["embed_tokens"], _flat(ref.jax_params_for(model))["llm/embed_tokens"])
-
-
-def test_assemble_refuses_swapped_inputs(release, tmp_path):
-    vit = hc.write_standalone(tmp_path / "vit", hc.standalone_vit_state(release.torch_model),
-                              hc.standalone_vit_config(release.cfg))
-    with pytest.raises(ValueError, match="expected a standalone llm checkpoint"):
-        convert.assemble(vit, vit, tmp_path / "x", image_context_token_id=5, progress=False)
 
 
 def test_parse_size():
@@ -353,3 +39,50 @@ def test_cli_help_and_conversion(release, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert convert.read_our_config(tmp_path / "o").param_dtype == "bfloat16"
+
+
+def test_parse_mesh():
+    assert convert.parse_mesh("1,2,4") == (1, 2, 4)
+    assert convert.parse_mesh("2, -1, 1") == (2, -1, 1)
+    for bad in ("1,2", "a,b,c", "1,0,8", "1,-2,4"):
+        with pytest.raises(ValueError, match="--mesh must be three sizes"):
+            convert.parse_mesh(bad)
+
+
+def _run_cli(args, cwd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "nvlm_jax.convert", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_export_from_a_training_workdir_carries_its_prompt_format(tmp_path):
+    import json
+
+    import nvlm_jax
+    from nvlm_jax.processing.prompt_format import PromptFormat
+    from tests.checkpoint.workdir import params_at, tiny_model, write_workdir
+
+    cfg, params, _ = tiny_model()
+    fmt = PromptFormat.for_model(cfg, tag_style="2d_grid", max_tiles=3)
+    write_workdir(tmp_path / "run", cfg, params, [(1, None), (2, None)], prompt_format=fmt)
+    run = _run_cli([f"--export_from={tmp_path / 'run'}", f"--out_dir={tmp_path / 'hf'}", "--step=1", "--noprogress"],
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_config["max_dynamic_patch"], hf_config["use_thumbnail"]) == (3, True)
+    model = nvlm_jax.load_pretrained(tmp_path / "hf", dtype="float32")
+    assert model.prompt_format == fmt and model.tokenizer is not None
+    want = params_at(params, 1)["llm"]["embed_tokens"]
+    np.testing.assert_array_equal(np.asarray(model.params["llm"]["embed_tokens"]), want)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--export_from=/no/such/run", "--out_dir=o"], "/no/such/run: checkpoint path does not exist"),
+    (["--export_from={ckpt}", "--out_dir=."], "already exists (pass --overwrite to replace it)"),
+    (["--hf_dir={ckpt}", "--out_dir=o", "--max_shard_size=lots"], "cannot parse size 'lots'"),
+    (["--out_dir=o"], "exactly one of: --hf_dir, --export_from"),
+])
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    run = _run_cli([a.format(ckpt=hc.tiny_converted()) for a in args], cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

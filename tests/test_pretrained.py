@@ -87,7 +87,7 @@ def test_load_onto_a_mesh_shards_the_params(release, from_orbax):
 
 
 def test_unknown_folder_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="neither an nvlm_jax checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint: expected a Hugging Face folder"):
         nvlm_jax.load_pretrained(tmp_path)
 
 

@@ -5,7 +5,10 @@
     python -m nvlm_jax.eval.report --summaries=eval_out --out=table.md
 
 `--checkpoint`: a converted folder, a Hugging Face NVLM-D folder, or a training workdir (its
-latest checkpoint) / `checkpoints/<step>` folder. Tasks, prompts and the data format:
+latest checkpoint, or `--step=best` / a number) / `checkpoints/<step>` folder; prompts follow
+the checkpoint's saved prompt format. Mistakes (a checkpoint or data file that is not there, an
+unknown task) are one line on stderr and exit status 2, before the model loads; `--verbosity=0`
+shows the libraries' INFO logs. Tasks, prompts and the data format:
 `nvlm_jax/eval/tasks.py`; output files and resuming: `nvlm_jax/eval/runner.py`. Rerunning the
 same command after an interruption generates only the samples that have no prediction yet.
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from nvlm_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -23,6 +28,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The CLI's flags (defined only when run as a program)."""
     flags.DEFINE_string("checkpoint", None, "Converted / Hugging Face folder, or a training workdir or step folder.")
+    flags.DEFINE_string("step", "latest", "Training workdir: 'latest', 'best' (its keep-best metric) or a step.")
     flags.DEFINE_string("task", None, "Task name (vqav2, textvqa, chartqa, docvqa, infovqa, ai2d, mmmu, mathvista, "
                         "realworldqa, ocrbench, synthetic_<name>).")
     flags.DEFINE_string("data", None, "The task's JSONL file (not for synthetic tasks).")
@@ -40,38 +46,57 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["checkpoint", "task"])
 
 
-def _mesh():
+def _mesh(located):
     import jax
 
     from nvlm_jax.sharding import make_mesh
 
     if FLAGS.tensor_parallel:
         return make_mesh(data=1, fsdp=-1, tensor=FLAGS.tensor_parallel)
-    if jax.device_count() == 1:
-        return None
-    from nvlm_jax.eval.runner import training_step_dir
+    if jax.device_count() == 1 or located.is_training:
+        return None  # small training runs: one device
     from nvlm_jax.pretrained import choose_mesh, read_config
 
-    if training_step_dir(FLAGS.checkpoint) is not None:
-        return None  # small training runs: one device
-    return choose_mesh(read_config(FLAGS.checkpoint), jax.device_count())
+    return choose_mesh(read_config(located.path), jax.device_count())
+
+
+def _check_flags():
+    """The checkpoint, task and data file, checked before anything loads (`cli.UserError`)."""
+    from nvlm_jax.checkpoint.folders import locate, parse_step
+    from nvlm_jax.checkpoint.paths import as_path
+    from nvlm_jax.eval import tasks
+
+    try:
+        located = locate(FLAGS.checkpoint, parse_step(FLAGS.step))
+        task = tasks.get_task(FLAGS.task)
+    except ValueError as e:  # CheckpointNotFoundError included
+        raise cli.UserError(str(e)) from None
+    if FLAGS.data and not as_path(FLAGS.data).is_file():
+        raise cli.UserError(f"--data {FLAGS.data}: no such file")
+    if task.needs_data and not FLAGS.data:
+        raise cli.UserError(f"task {task.name!r} needs --data=PATH.jsonl (format: nvlm_jax/eval/tasks.py)")
+    if FLAGS.limit < 0 or FLAGS.batch_size < 1 or FLAGS.max_new_tokens < 0:
+        raise cli.UserError("--limit and --max_new_tokens must be >= 0 and --batch_size >= 1")
+    return located
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv
+    located = _check_flags()
     from nvlm_jax.compile_cache import enable_compilation_cache
     from nvlm_jax.eval import runner
 
     enable_compilation_cache()
+    step = located.step if located.kind == "workdir" else "latest"
+    model = runner.load_model(located.path, FLAGS.dtype, _mesh(located), step=step)
     summary = runner.run(
         FLAGS.checkpoint, FLAGS.task, FLAGS.data, FLAGS.out_dir, model_name=FLAGS.model_name,
         batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, dtype=FLAGS.dtype,
-        seed=FLAGS.seed, mesh=_mesh(), overwrite=FLAGS.overwrite, progress=FLAGS.progress,
+        seed=FLAGS.seed, overwrite=FLAGS.overwrite, progress=FLAGS.progress, model=model,
     )
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

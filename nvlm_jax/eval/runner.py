@@ -17,7 +17,8 @@ generates only the rest; a torn last line (a run killed mid-write) is cut off fi
 summary always scores the predictions of exactly the samples asked for, in any order.
 
 Generation (`ModelAnswerer`): the release's chat flow (`NVLMModel.chat`): tiles per image,
-ChatML prompt with the task's system message, `<image>` expansion, greedy decoding until
+ChatML prompt in the model's saved prompt format (`model.prompt_format`: tile budget, tile tags,
+thumbnail rule, system message), `<image>` expansion, greedy decoding until
 `<|im_end|>`, answer decoded without special tokens and stripped. NVLM-D runs a whole batch
 through one `NVLMModel.generate` call (prompts left-padded; each row computes what it would
 alone, so answers do not depend on the batch size); the last, short batch is padded with
@@ -25,10 +26,9 @@ copies of its last sample so every call has the same batch shape (fewer compilat
 archs are answered one sample at a time with `NVLMModel.chat`, which owns their per-row tile
 contract.
 
-Checkpoints (`load_model`): anything `nvlm_jax.load_pretrained` reads (our converted folders,
-Hugging Face NVLM-D folders), or a training run: its workdir (the latest checkpoint under
-`checkpoints/`) or one `checkpoints/<step>` folder, whose saved run config gives the model
-config and the tokenizer.
+Checkpoints (`load_model`): anything `nvlm_jax.load_pretrained` reads: converted folders,
+Hugging Face NVLM-D folders, a training workdir (its latest checkpoint, or `step`) or one
+`checkpoints/<step>` folder.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ import numpy as np
 
 from nvlm_jax.eval import tasks as tasks_lib
 from nvlm_jax.eval.tasks import Sample, Task
-from nvlm_jax.processing.prompt import DEFAULT_SYSTEM_MESSAGE, IMAGE_PLACEHOLDER
+from nvlm_jax.pretrained import FROM_FORMAT
+from nvlm_jax.processing.prompt import IMAGE_PLACEHOLDER
 
 PREDICTIONS_SUFFIX = "_predictions.jsonl"
 SUMMARY_SUFFIX = "_summary.json"
@@ -57,72 +58,14 @@ AnswerFn = Callable[[Sequence[str], Sequence[Sequence[Any]]], list[str]]
 # ---- loading a model -------------------------------------------------------------------------------
 
 
-def training_step_dir(path: str | os.PathLike) -> Path | None:
-    """The training checkpoint folder `path` names: `path` itself when it is one
-    (`<step>/state` + `<step>/config`), else the latest complete `<path>/checkpoints/<step>`;
-    None when `path` is not a training run."""
-    p = Path(path)
-    if (p / "state").is_dir() and (p / "config").is_dir():
-        return p
-    root = p / "checkpoints"
-    if not root.is_dir():
-        return None
-    # Orbax writes into a temporary name and renames to the bare step number when complete.
-    steps = [int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").is_dir()]
-    if not steps:
-        raise FileNotFoundError(f"{root}: no complete training checkpoint (expected <step>/state folders)")
-    return root / str(max(steps))
-
-
-def _load_training_checkpoint(step_dir: Path, dtype: str | None, mesh):
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from ml_collections import ConfigDict
-
-    from nvlm_jax.config import NVLMConfig
-    from nvlm_jax.convert import param_shardings
-    from nvlm_jax.pretrained import NVLMModel
-    from nvlm_jax.train import checkpoint as ckpt_lib
-    from nvlm_jax.train import launch
-    from nvlm_jax.train.step import param_shapes
-
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-        run_config = reader.restore((step_dir / "config").absolute())
-    for key, kind in (("model", dict), ("tokenizer", str), ("init", dict)):
-        if not isinstance(run_config, dict) or not isinstance(run_config.get(key), kind):
-            raise ValueError(f"{step_dir / 'config'}: the saved run config has no {key!r} entry")
-    cfg = NVLMConfig.from_dict(run_config["model"])
-    if dtype:
-        name = jnp.dtype(dtype).name
-        cfg = cfg.replace(dtype=name, param_dtype=name)
-    tokenizer = launch.load_tokenizer(ConfigDict(run_config))
-    shapes = param_shapes(cfg)
-    target = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.param_dtype), sharding=sh),
-        shapes, param_shardings(cfg, mesh),
-    )
-    restored, _ = ckpt_lib.restore_params(step_dir / "state", {"params": target})
-    return NVLMModel(cfg, restored["params"], tokenizer, mesh)
-
-
-def load_model(path: str | os.PathLike, dtype: str | None = None, mesh=None):
-    """An `NVLMModel` from a converted / Hugging Face folder or a training run (see module doc).
+def load_model(path: str | os.PathLike, dtype: str | None = None, mesh=None, step: int | str = "latest"):
+    """`nvlm_jax.load_pretrained(path, dtype, mesh, step=step)` (see the module docstring).
 
     dtype: the params and compute dtype; None = the checkpoint's own (`param_dtype` of its
     config; bfloat16 for a Hugging Face folder)."""
     import nvlm_jax
-    from nvlm_jax.pretrained import read_config
 
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint {folder} does not exist")
-    step_dir = training_step_dir(folder)
-    if step_dir is not None:
-        return _load_training_checkpoint(step_dir, dtype, mesh)
-    if dtype is None:
-        dtype = read_config(folder).param_dtype
-    return nvlm_jax.load_pretrained(folder, dtype=dtype, mesh=mesh)
+    return nvlm_jax.load_pretrained(path, dtype=dtype, mesh=mesh, step=step)
 
 
 # ---- answering -------------------------------------------------------------------------------------
@@ -143,13 +86,13 @@ class ModelAnswerer:
     Attributes:
       model: the `NVLMModel`.
       max_new_tokens: answer length limit in tokens.
-      system_message: the ChatML system turn (None: none).
+      system_message: the ChatML system turn; default the model's prompt format's (None: none).
       batch_size: NVLM-D batches are padded to this many rows (0: no padding).
     """
 
     model: Any
     max_new_tokens: int = 16
-    system_message: str | None = DEFAULT_SYSTEM_MESSAGE
+    system_message: Any = FROM_FORMAT
     batch_size: int = 0
 
     def __call__(self, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> list[str]:
@@ -163,18 +106,22 @@ class ModelAnswerer:
                     for text, imgs in zip(texts, images, strict=True)]
         return self._batched(texts, images)
 
-    def _batched(self, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> list[str]:
-        from nvlm_jax.processing import encode_prompt, get_special_tokens
+    def prompt(self, text: str, images: Sequence[Any]):
+        """`(tiles [tiles, H, W, 3] or None, EncodedPrompt)` of one user text and its images, in
+        the model's prompt format (what `_batched` generates from)."""
+        pixels, num_tiles, grids = self.model.tile_images(list(images) or None)
+        return pixels, self.model.encode(text, num_tiles, grids=grids, system_message=self.system_message)
 
-        model, cfg = self.model, self.model.config
+    def _batched(self, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> list[str]:
+        from nvlm_jax.processing import get_special_tokens
+
+        model = self.model
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer; evaluation needs one")
         special = get_special_tokens(model.tokenizer)
         prompts, pixels = [], []
         for text, imgs in zip(texts, images, strict=True):
-            px, num_tiles = model.prepare_images(list(imgs) or None)
-            prompt = encode_prompt(model.tokenizer, text, num_tiles, system_message=self.system_message,
-                                   arch=cfg.arch, tokens_per_tile=cfg.num_image_tokens, use_thumbnail=cfg.use_thumbnail)
+            px, prompt = self.prompt(text, imgs)
             prompts.append(prompt.input_ids)
             pixels.append(px)
         real = len(prompts)
@@ -191,10 +138,9 @@ class ModelAnswerer:
 
 def decode_answer(tokenizer, tokens: np.ndarray, stop_id: int) -> str:
     """Text of generated `tokens` up to the first `stop_id`, without special tokens, stripped."""
-    tokens = np.asarray(tokens)
-    stop = np.flatnonzero(tokens == stop_id)
-    if stop.size:
-        tokens = tokens[: stop[0]]
+    from nvlm_jax.generate import cut_at_stop
+
+    tokens, _ = cut_at_stop(tokens, (stop_id,))
     return tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True).strip()
 
 
@@ -380,8 +326,9 @@ def run(
     samples = tasks_lib.load_samples(task, data, limit=limit, tile_size=model.config.vision.image_size, seed=seed)
     max_new = max_new_tokens or task.max_new_tokens
     name = model_name or Path(os.path.abspath(checkpoint)).name
+    fmt = model.prompt_format
     info = {"checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data) if data else None,
-            "max_new_tokens": max_new, "system_message": DEFAULT_SYSTEM_MESSAGE}
+            "max_new_tokens": max_new, "system_message": fmt.system_message, "prompt_format": fmt.to_dict()}
     if task.synthetic is not None:
         info["synthetic_seed"] = seed
     answerer = ModelAnswerer(model, max_new_tokens=max_new, batch_size=batch_size)

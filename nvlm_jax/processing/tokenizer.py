@@ -219,6 +219,18 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     return tokenizer
 
 
+TINY_SPEC = "tiny"
+
+
+def tokenizer_from_spec(spec: str | os.PathLike[str]) -> Any:
+    """The tokenizer a spec names, as training run configs and checkpoints store it: "tiny" is
+    the built-in tiny tokenizer (`build_tiny_backend`), anything else a tokenizer folder
+    (`load_tokenizer`)."""
+    if os.fspath(spec) == TINY_SPEC:
+        return build_tiny_backend()
+    return load_tokenizer(spec)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -1,5 +1,7 @@
-"""Training checkpoints (Orbax `CheckpointManager`) and the generic params restore used to
-initialise a run from a converted checkpoint.
+"""Training checkpoints (Orbax `CheckpointManager`). Reading them outside a run (finding the
+latest / best step, the saved run config, restoring the params onto a mesh) is
+`nvlm_jax.checkpoint` (`folders.locate`, `restore.load_params`); `restore_params` is re-exported
+from there.
 
 A training checkpoint `<workdir>/checkpoints/<step>/` holds three items:
   - ``state``: the `TrainState` (params, optimizer state, counters), saved sharded;
@@ -9,7 +11,11 @@ A training checkpoint `<workdir>/checkpoints/<step>/` holds three items:
     one would have seen next. In a multi-process run each process writes the files of the
     shards it reads (by default one shard per process) and reads back its own on restore; a
     run restores them when its shard count is the saved one (see `nvlm_jax.train.multihost`);
-  - ``config``: the run's config (JSON) for inspection and for `nvlm_jax` tools.
+  - ``config``: the run's config (JSON): the model config under "model", the tokenizer spec,
+    the prompt format under "prompt_format"; what `nvlm_jax.load_pretrained` reads.
+
+The keep-best metric of a save is also written into Orbax's `_CHECKPOINT_METADATA`
+(`custom_metadata.metrics`), so `locate(workdir, step="best")` finds the best step later.
 
 Saves are asynchronous (the step loop continues while arrays are written) and atomic: Orbax
 writes into a temporary folder and renames it to `<step>` only when every item is complete, so
@@ -41,7 +47,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from nvlm_jax.checkpoint.paths import as_path, is_remote
+from nvlm_jax.checkpoint.restore import restore_params
 from nvlm_jax.train.step import TrainState
+
+__all__ = ["CheckpointConfig", "DataShards", "Restored", "TrainCheckpoints", "restore_params"]
 
 DATA_SHARD_FILE = re.compile(r"shard_(\d+)-of-(\d+)\.json")
 
@@ -200,7 +210,9 @@ class TrainCheckpoints:
     """Saves and restores training checkpoints under `directory` (see module docstring)."""
 
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
+        if not is_remote(self.directory):
+            self.directory = self.directory.absolute()
         self.cfg = cfg
         keep: list = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_best:
@@ -255,7 +267,8 @@ class TrainCheckpoints:
             data=_data_save_args(data_state),
             config=ocp.args.JsonSave(json.loads(json.dumps(dict(run_config), default=_json_default))),
         )
-        return bool(self._manager.save(step, args=args, metrics=best, force=True))
+        custom = {"metrics": best, "best_mode": self.cfg.best_mode} if best else None
+        return bool(self._manager.save(step, args=args, metrics=best, force=True, custom_metadata=custom))
 
     def restore(self, target: TrainState, step: int | None = None,
                 data_shards: tuple[int, tuple[int, ...]] | None = None) -> Restored:
@@ -360,71 +373,3 @@ def _data_save_args(data_state: Any) -> DataShardsSave:
     shards = data_state if isinstance(data_state, DataShards) else this_process_shard(data_state)
     # Encoded now: the iterators move on while the save completes in the background.
     return DataShardsSave(shards.count, {i: encode_iterator_state(s) for i, s in shards.states.items()})
-
-
-# ---- initialising params from another checkpoint -------------------------------------------------
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def _prune(tree):
-    """Drops None entries (and dicts left empty) from nested dicts."""
-    if isinstance(tree, Mapping):
-        out = {k: _prune(v) for k, v in tree.items()}
-        return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
-    return tree
-
-
-def restore_params(
-    directory: str | os.PathLike, target: Any, *, allow_missing: bool = False
-) -> tuple[dict[str, Any], list[str]]:
-    """Restores a params tree from an Orbax PyTree checkpoint folder (e.g. the `params/` folder
-    the converter writes, or any `StandardCheckpointer` save of a params dict).
-
-    Args:
-      directory: the Orbax checkpoint folder.
-      target: tree of `jax.ShapeDtypeStruct` (shape, dtype to cast to, sharding to place on).
-      allow_missing: when True, target leaves absent from the checkpoint are left out of the
-        result (the caller initialises them); when False they are an error.
-
-    Returns:
-      (params holding every restored leaf, sorted list of the missing leaf paths "a/b/c").
-
-    Raises ValueError listing every problem at once: missing leaves (unless allowed) and shape
-    mismatches. Leaves in the checkpoint that the target lacks are ignored.
-    """
-    directory = Path(directory).absolute()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"params checkpoint folder {directory} does not exist")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(directory)
-        stored = getattr(meta, "item_metadata", meta)
-        stored = getattr(stored, "tree", stored)
-        stored_leaves = {_path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-        problems, missing = [], []
-
-        def keep(path, t):
-            name = _path_str(path)
-            if name not in stored_leaves:
-                missing.append(name)
-                return None
-            shape = tuple(stored_leaves[name].shape)
-            if shape != tuple(t.shape):
-                problems.append(f"{name}: checkpoint shape {shape} != expected {tuple(t.shape)}")
-            return t
-
-        subset = _prune(jax.tree_util.tree_map_with_path(keep, target))
-        if missing and not allow_missing:
-            problems.append(f"missing from the checkpoint: {sorted(missing)}")
-        if problems:
-            raise ValueError(f"{directory}: cannot initialise params: " + "; ".join(problems))
-        restore_args = jax.tree_util.tree_map(
-            lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape), subset
-        )
-        params = ckptr.restore(
-            directory,
-            args=ocp.args.PyTreeRestore(item=subset, restore_args=restore_args, partial_restore=True),
-        )
-    return params, sorted(missing)

@@ -7,7 +7,8 @@ Run config fields (all configs define all of them):
   "" = the init checkpoint's folder),
   model: preset ("tiny", "72b", "34b"), dtype, param_dtype, remat_policy, attention_impl,
     llm / vision: field overrides (tiny runs),
-  init: checkpoint (a converter output folder or an Orbax params folder; "" = from scratch),
+  init: checkpoint (a converted folder, a training workdir / checkpoints/<step> folder, or a bare
+    Orbax params folder; "" = from scratch; see `nvlm_jax.checkpoint.restore.init_source`),
     config_json (the model config when `checkpoint` is a bare params folder), allow_missing,
   data: kind ("synthetic", "pretrain_blend", "sft_blend"), root (blends), tasks ({task:
     weight}, synthetic), train_size, eval_size, batch_size (global), seq_len, tiles_per_row,
@@ -24,31 +25,26 @@ Run config fields (all configs define all of them):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from nvlm_jax import config as model_config_lib
+from nvlm_jax.checkpoint import restore as restore_lib
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models import nvlm
-from nvlm_jax.processing.prompt_format import DEFAULT_SYSTEM_MESSAGE, PromptFormat
-from nvlm_jax.sharding import DEFAULT_RULES, tree_shardings
+from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.train import checkpoint as ckpt_lib
 from nvlm_jax.train import evaluate as eval_lib
 from nvlm_jax.train import loop as loop_lib
 from nvlm_jax.train import multihost
 from nvlm_jax.train.optim import OptimConfig
-from nvlm_jax.train.step import param_shapes
 
 log = logging.getLogger(__name__)
 
-CONVERTED_CONFIG_FILE = "nvlm_config.json"  # what nvlm_jax.convert writes next to params/
-CONVERTED_PARAMS_DIR = "params"
 PRESETS = ("tiny", "72b", "34b")
 
 
@@ -83,40 +79,13 @@ def _preset(arch: str, preset: str, llm: Mapping[str, Any], vision: Mapping[str,
     return getattr(model_config_lib, f"nvlm_{arch.lower()}_{preset}")()
 
 
-def _checkpoint_paths(c) -> tuple[Path, Path | None]:
-    """(params folder, config JSON or None) of `init.checkpoint`."""
-    root = Path(c.init.checkpoint)
-    if (root / CONVERTED_CONFIG_FILE).is_file() and (root / CONVERTED_PARAMS_DIR).is_dir():
-        config_json = Path(c.init.config_json) if c.init.config_json else root / CONVERTED_CONFIG_FILE
-        return root / CONVERTED_PARAMS_DIR, config_json
-    return root, Path(c.init.config_json) if c.init.config_json else None
-
-
-def read_model_config(path: str | os.PathLike) -> NVLMConfig:
-    """An `NVLMConfig` from JSON: the converter's `{"config": {...}}` file or a bare config dict."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read model config JSON {path}: {e}") from e
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]
-    try:
-        return NVLMConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not an NVLMConfig: {e}") from e
-
-
 def model_config(c, tokenizer) -> NVLMConfig:
     """The model config of run config `c`: from the init checkpoint's config JSON when there is
     one, else from the preset; then the run's dtypes / remat / attention, and a vocabulary and
     image context token that fit `tokenizer`."""
     m = c.model
     if c.init.checkpoint:
-        _, config_json = _checkpoint_paths(c)
-        if config_json is None:
-            raise ValueError(
-                f"init.checkpoint {c.init.checkpoint} has no {CONVERTED_CONFIG_FILE}; set init.config_json")
-        cfg = read_model_config(config_json)
+        _, cfg = restore_lib.init_source(c.init.checkpoint, c.init.config_json or None)
         if cfg.arch != c.arch:
             raise ValueError(f"init checkpoint {c.init.checkpoint} is NVLM-{cfg.arch} but the run's arch is {c.arch}; "
                              f"assemble an NVLM-{c.arch} checkpoint with nvlm_jax.convert first")
@@ -132,25 +101,32 @@ def model_config(c, tokenizer) -> NVLMConfig:
 def prompt_format(c, cfg: NVLMConfig) -> PromptFormat:
     """The `PromptFormat` of run config `c` for model `cfg`: `data.tag_style`, `data.max_tiles`
     (the stage's tile budget; 0 = the model's `max_tiles`) and `data.system_message` ("" = no
-    system turn); thumbnail rule and tokens per tile from the model. Saved with every checkpoint."""
-    d = c.data
-    system = d.get("system_message", DEFAULT_SYSTEM_MESSAGE)
-    return PromptFormat.for_model(
-        cfg, tag_style=d.get("tag_style", "1d"), max_tiles=d.get("max_tiles", 0) or cfg.max_tiles,
-        system_message=system or None,
-    )
+    system turn); thumbnail rule and tokens per tile from the model. Saved with every checkpoint
+    (the same rule reads checkpoints saved before the format was: `restore.run_prompt_format`)."""
+    return restore_lib.run_prompt_format({"data": _plain(c.data)}, cfg)
+
+
+def tokenizer_spec(c) -> str:
+    """The run's tokenizer spec ("tiny" or a folder): `tokenizer`, else the init checkpoint's
+    (a converted folder's own files, a training run's tokenizer, a bare params folder's files)."""
+    if c.tokenizer:
+        return c.tokenizer
+    if not c.init.checkpoint:
+        raise ValueError("config.tokenizer is empty and there is no init.checkpoint to take it from")
+    try:
+        spec = restore_lib.read_info(c.init.checkpoint).tokenizer
+    except ValueError:
+        return c.init.checkpoint  # a bare params folder: tokenizer files beside the params, if any
+    if spec is None:
+        raise ValueError(f"init.checkpoint {c.init.checkpoint} has no tokenizer; set config.tokenizer")
+    return spec
 
 
 def load_tokenizer(c):
     """The run's tokenizer: the built-in tiny one, a tokenizer folder, or the init checkpoint's."""
-    from nvlm_jax.processing import tokenizer as tok
+    from nvlm_jax.processing.tokenizer import tokenizer_from_spec
 
-    name = c.tokenizer or (c.init.checkpoint if c.init.checkpoint else "")
-    if not name:
-        raise ValueError("config.tokenizer is empty and there is no init.checkpoint to take it from")
-    if name == "tiny":
-        return tok.build_tiny_backend()
-    return tok.load_tokenizer(name)
+    return tokenizer_from_spec(tokenizer_spec(c))
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -258,18 +234,12 @@ def params_initializer(c, cfg: NVLMConfig) -> loop_lib.InitParams | None:
     `init.allow_missing`), or None for a from-scratch run."""
     if not c.init.checkpoint:
         return None
-    params_dir, _ = _checkpoint_paths(c)
 
     def init(mesh: jax.sharding.Mesh):
-        shardings = tree_shardings(nvlm.abstract_params(cfg), mesh, DEFAULT_RULES)
-        shapes = param_shapes(cfg)
-        target = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(cfg.param_dtype), sharding=sh),
-            shapes, shardings,
-        )
-        params, missing = ckpt_lib.restore_params(params_dir, target, allow_missing=c.init.allow_missing)
+        params, missing = restore_lib.init_params(c.init.checkpoint, cfg, mesh, config_json=c.init.config_json or None,
+                                                  allow_missing=c.init.allow_missing)
         if missing:
-            log.warning("initialising %d params missing from %s: %s", len(missing), params_dir, missing)
+            log.warning("initialising %d params missing from %s: %s", len(missing), c.init.checkpoint, missing)
             fresh = nvlm.init_params(cfg, jax.random.key(c.seed), mesh)
             params = _fill(fresh, params)
         return params
@@ -342,7 +312,7 @@ def train(c, workdir: str | os.PathLike, *, console: bool = True, run: Run | Non
         return loop_lib.train(
             run.model, loop_config(c), optim_config(c), checkpoint_config(c), workdir, it,
             init_params=params_initializer(c, run.model), evaluate=run.evaluator,
-            run_config=_plain(c), console=console,
+            run_config=dict(_plain(c), prompt_format=prompt_format(c, run.model).to_dict()), console=console,
         )
     finally:
         it.close()
@@ -366,13 +336,13 @@ def question_batch(c, cfg: NVLMConfig, tokenizer, image, question: str) -> dict:
 
 
 def ask(run: Run, params, image, question: str, max_new_tokens: int = 16) -> str:
-    """The model's greedy answer to `question` about `image` (see `question_batch`)."""
+    """The model's greedy answer to `question` about `image` (see `question_batch`), from the
+    KV-cache decoder (`nvlm_jax.generate.greedy_batch`)."""
+    from nvlm_jax.generate import cut_at_stop, greedy_batch
     from nvlm_jax.processing import tokenizer as tok
 
     batch = question_batch(run.config, run.model, run.tokenizer, image, question)
-    starts, _ = eval_lib.answer_spans(batch)
-    tokens = eval_lib.greedy_fill(params, eval_lib.decoding_batch(batch, starts, max_new_tokens), starts,
-                                  cfg=run.model, max_new_tokens=max_new_tokens)
     special = tok.get_special_tokens(run.tokenizer)
-    answer, _ = eval_lib.cut_at_stop(list(jax.device_get(tokens)[0]), [special.im_end])
-    return tok.decode(run.tokenizer, answer).strip()
+    tokens = greedy_batch(params, run.model, batch, max_new_tokens, stop_token_ids=[special.im_end])
+    answer, _ = cut_at_stop(tokens[0], [special.im_end])
+    return tok.decode(run.tokenizer, answer.tolist()).strip()

@@ -25,13 +25,13 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import numpy as np
 from flax import linen as nn
 
+from nvlm_jax.checkpoint.paths import local_path
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.data.batch import validate_batch
 from nvlm_jax.models import nvlm
@@ -173,7 +173,8 @@ def train(
       NonFiniteError after `max_nonfinite` consecutive skipped steps (pending checkpoint writes
       are completed first, so the last good checkpoint is on disk).
     """
-    workdir = Path(workdir)
+    # One path layer: a gs:// workdir without its backend is a named error, never a local "gs:".
+    workdir = local_path(workdir, "the training workdir (metrics.jsonl and TensorBoard events are appended to)")
     mesh = build_mesh(loop_cfg)
     optimizer = make_optimizer(optim_cfg)
     shapes = param_shapes(model_cfg)

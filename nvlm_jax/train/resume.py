@@ -19,6 +19,8 @@ FREE_TO_CHANGE = (
     "num_steps", "log_every", "max_nonfinite", "peak_flops_per_device", "compilation_cache_dir",
     "allow_resume_changes", "eval.", "checkpoint.", "mesh.", "init.", "data.num_workers", "data.read_threads",
     "data.eval_size", "optim.total_steps",
+    # Derived from data.* and model, which are compared; checkpoints from before it was saved lack it.
+    "prompt_format.",
 )
 
 

@@ -152,8 +152,8 @@ def test_a_training_workdir_loads_its_latest_checkpoint(tiny, tmp_path):
     ckpts.save(5, state, None, run_config)
     ckpts.close()
     (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save is ignored
-    assert runner.training_step_dir(tmp_path) == tmp_path / "checkpoints" / "5"
     model = runner.load_model(tmp_path)
+    assert model.source.step_dir == tmp_path / "checkpoints" / "5"
     assert model.config == tiny.config
     for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(tiny.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -195,3 +195,17 @@ def _tokenizer_dir(model, tmp_path):
     folder = tmp_path / "tok"
     model.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint=/no/such/run", "--task=synthetic_ocr"], "/no/such/run: checkpoint path does not exist"),
+    (["--checkpoint={ckpt}", "--task=nope"], "unknown eval task 'nope'"),
+    (["--checkpoint={ckpt}", "--task=textvqa", "--data=missing.jsonl"], "--data missing.jsonl: no such file"),
+])
+def test_eval_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    from tests import hf_checkpoint
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR="off", XLA_FLAGS="")
+    cmd = [sys.executable, "-m", "nvlm_jax.eval", *[a.format(ckpt=hf_checkpoint.tiny_converted()) for a in args]]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -89,6 +89,25 @@ def test_question_batch_puts_the_answer_after_the_assistant_turn(tokenizer):
     assert (batch["input_ids"][0] == cfg.image_context_token_id).sum() == cfg.num_image_tokens
 
 
+def test_ask_answers_greedily_from_the_question_batch(tokenizer):
+    from nvlm_jax.models import nvlm
+    from nvlm_jax.processing import tokenizer as tok
+    from tests.train.test_evaluate import _decoding_batch, _full_forward_greedy
+
+    c = TINY.get_config()
+    cfg = launch.model_config(c, tokenizer)
+    run = launch.Run(c, cfg, tokenizer, None)
+    params = nvlm.init_params(cfg, jax.random.key(0))
+    image, question = Image.new("RGB", (28, 28), (200, 30, 30)), "What colour is the shape?"
+    answer = launch.ask(run, params, image, question, max_new_tokens=6)
+    batch = launch.question_batch(c, cfg, tokenizer, image, question)
+    starts, _ = evaluate.answer_spans(batch)
+    want = np.asarray(_full_forward_greedy(params, _decoding_batch(batch, starts, 6), starts, cfg=cfg,
+                                           max_new_tokens=6))[0]
+    want, _ = evaluate.cut_at_stop(want, [tok.get_special_tokens(tokenizer).im_end])
+    assert answer == tok.decode(tokenizer, want.tolist()).strip()
+
+
 def _paper_run_on_a_tiny_blend(arg, root):
     """The paper recipe `arg` shrunk to the tiny model and tokenizer, reading a blend in which
     every dataset holds one record about the same 3:1 image."""

@@ -18,12 +18,13 @@ import pytest
 
 import nvlm_jax
 from nvlm_jax import config as C
-from nvlm_jax import convert
+from nvlm_jax.checkpoint import assemble as assemble_lib
+from nvlm_jax.checkpoint import hf_import, restore, writers
 from nvlm_jax.sharding import make_mesh
 from tests import hf_checkpoint as hc
 from tests import torch_reference as ref
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIXELS = np.random.default_rng(2).standard_normal((4, 28, 28, 3)).astype(np.float32)
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 SAVE_MESH = "1,2,4"  # data, fsdp, tensor: every param's blocks differ from both restore meshes below
@@ -60,7 +61,7 @@ def release72(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(release72, tmp_path_factory):
     """The default (one-process, streamed) conversion: the reference."""
-    return convert.convert(release72, tmp_path_factory.mktemp("single") / "ckpt", dtype="bfloat16", progress=False)
+    return hf_import.convert(release72, tmp_path_factory.mktemp("single") / "ckpt", dtype="bfloat16", progress=False)
 
 
 def _free_port() -> int:
@@ -155,16 +156,16 @@ def test_each_process_reads_and_writes_only_its_share(sharded):
 @pytest.mark.slow
 def test_restores_onto_other_meshes_equal_to_the_one_process_conversion(sharded, single):
     out, _ = sharded
-    cfg = convert.read_our_config(out)
-    assert cfg == convert.read_our_config(single)
+    cfg = restore.read_our_config(out)
+    assert cfg == restore.read_our_config(single)
     assert cfg.vision.total_heads == 32 and cfg.llm.num_kv_heads == 8 and cfg.param_dtype == "bfloat16"
-    want = _flat(convert.load_our_params(single, cfg))
+    want = _flat(restore.load_our_params(single, cfg))
     for sizes in [(2, 4, 1), (1, 1, 8)]:
         mesh = make_mesh(*sizes)
         if sizes == (2, 4, 1):
             params = nvlm_jax.load_pretrained(out, dtype="bfloat16", mesh=mesh).params
         else:
-            params = convert.load_our_params(out, cfg, mesh=mesh)
+            params = restore.load_our_params(out, cfg, mesh=mesh)
         got = _flat(params)
         assert sorted(got) == sorted(want)
         for name, w in want.items():
@@ -172,7 +173,7 @@ def test_restores_onto_other_meshes_equal_to_the_one_process_conversion(sharded,
             assert got[name].dtype == w.dtype and np.asarray(got[name]).tobytes() == np.asarray(w).tobytes(), name
         qkv = got["vision/layers/attn/qkv/kernel"]  # [layers, C, 3, 32 heads, d]
         assert qkv.shape == (2, 100, 3, 32, 4)
-        blocks = {convert._bounds(s.index, qkv.shape) for s in qkv.addressable_shards}
+        blocks = {writers._bounds(s.index, qkv.shape) for s in qkv.addressable_shards}
         assert len(blocks) == {(2, 4, 1): 4, (1, 1, 8): 8}[sizes]  # fsdp 4 on C; tensor 8 on heads
 
 
@@ -204,7 +205,7 @@ def test_a_mesh_the_heads_cannot_split_fails_in_every_process_before_writing(rel
 def test_tensor_axis_not_dividing_kv_heads_is_refused_before_writing(release72, tmp_path):
     mesh = make_mesh(1, 2, 3, devices=jax.devices()[:6])
     with pytest.raises(ValueError, match="the LLM has 8 KV heads: a tensor axis of 3 cannot split them"):
-        convert.convert(release72, tmp_path / "bad", mesh=mesh, progress=False)
+        hf_import.convert(release72, tmp_path / "bad", mesh=mesh, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -213,8 +214,8 @@ def test_one_process_sharded_conversion_equals_the_streamed_one(tmp_path):
     heads and freshly initialised params of `assemble`."""
     release = hc.tiny_release()  # 2 real + 2 dummy ViT heads, 2 KV heads
     mesh = make_mesh(2, 2, 2)
-    streamed = convert.convert(release.folder, tmp_path / "a", drop_dummy_heads=True, progress=False)
-    out, stats = convert.convert_sharded(release.folder, tmp_path / "b", mesh, drop_dummy_heads=True, progress=False)
+    streamed = hf_import.convert(release.folder, tmp_path / "a", drop_dummy_heads=True, progress=False)
+    out, stats = hf_import.convert_sharded(release.folder, tmp_path / "b", mesh, drop_dummy_heads=True, progress=False)
     assert stats.bytes_read < stats.share_bytes  # the dropped (zero) heads are never read
     cases = [(streamed, out)]
     model = release.torch_model
@@ -222,28 +223,12 @@ def test_one_process_sharded_conversion_equals_the_streamed_one(tmp_path):
     llm_dir = tmp_path / "llm"
     model.language_model.save_pretrained(llm_dir, safe_serialization=True)
     kwargs = dict(dtype="bfloat16", seed=1, vit_dummy_heads=2, image_context_token_id=5, progress=False)
-    cases.append((convert.assemble(vit, llm_dir, tmp_path / "c", **kwargs),
-                  convert.assemble(vit, llm_dir, tmp_path / "d", mesh=mesh, **kwargs)))
+    cases.append((assemble_lib.assemble(vit, llm_dir, tmp_path / "c", **kwargs),
+                  assemble_lib.assemble(vit, llm_dir, tmp_path / "d", mesh=mesh, **kwargs)))
     for a, b in cases:
-        cfg = convert.read_our_config(a)
-        assert convert.read_our_config(b) == cfg
-        want = _flat(convert.load_our_params(a, cfg))
-        got = _flat(convert.load_our_params(b, cfg, mesh=make_mesh(1, 8, 1)))
+        cfg = restore.read_our_config(a)
+        assert restore.read_our_config(b) == cfg
+        want = _flat(restore.load_our_params(a, cfg))
+        got = _flat(restore.load_our_params(b, cfg, mesh=make_mesh(1, 8, 1)))
         for name, w in want.items():
             assert np.asarray(got[name]).tobytes() == np.asarray(w).tobytes(), name
-
-
-def test_storage_runs_read_a_column_block_row_by_row():
-    base = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
-    view = base.T[2:5, 1:4]  # kernel = weight.T: a block of columns 1..3 over rows 2..4 of the weight
-    order, starts, run_bytes = convert._storage_runs(view, base)
-    assert order == (1, 0) and run_bytes == 3 * 4
-    np.testing.assert_array_equal(starts, [(r * 8 + 2) * 4 for r in (1, 2, 3)])
-
-
-def test_parse_mesh():
-    assert convert.parse_mesh("1,2,4") == (1, 2, 4)
-    assert convert.parse_mesh("2, -1, 1") == (2, -1, 1)
-    for bad in ("1,2", "a,b,c", "1,0,8", "1,-2,4"):
-        with pytest.raises(ValueError, match="--mesh must be three sizes"):
-            convert.parse_mesh(bad)
