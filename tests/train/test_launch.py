@@ -113,14 +113,13 @@ def _paper_run_on_a_tiny_blend(arg, root):
     every dataset holds one record about the same 3:1 image."""
     from nvlm_jax.data import blends, sources
 
-    image = root / "wide.png"
-    Image.new("RGB", (84, 28), (200, 30, 30)).save(image)
     blend = blends.PRETRAIN_BLEND if arg.endswith("pretrain") else blends.SFT_BLEND
     for name in blends.blend_weights(blend):
         folder = root / blends.dataset_slug(name)
         folder.mkdir(parents=True)
-        record = {"image": str(image), "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
-                                                          {"from": "gpt", "value": "a red band"}]}
+        Image.new("RGB", (84, 28), (200, 30, 30)).save(folder / "wide.png")  # images live under the dataset
+        record = {"image": "wide.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                                         {"from": "gpt", "value": "a red band"}]}
         sources.write_jsonl(str(folder / "train.jsonl"), [record])
     c = PAPER.get_config(arg)
     c.model.preset, c.model.dtype, c.tokenizer = "tiny", "float32", "tiny"
