@@ -44,7 +44,7 @@ from nvlm_jax.train import evaluate, launch, multihost  # noqa: E402
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def _old_greedy_fill(params, batch, start, *, cfg, max_new_tokens):
+def full_forward_greedy(params, batch, start, *, cfg, max_new_tokens):
     ids = batch["input_ids"]
     b, s = ids.shape
     rows = jnp.arange(b)
@@ -65,7 +65,7 @@ def _old_greedy_fill(params, batch, start, *, cfg, max_new_tokens):
     return out
 
 
-def _old_decoding_batch(batch, starts, max_new_tokens):
+def full_forward_batch(batch, starts, max_new_tokens):
     out = {k: np.array(v) for k, v in batch.items()}
     b, s = out["input_ids"].shape
     idx = np.arange(s)[None, :]
@@ -84,8 +84,8 @@ def _old_decoding_batch(batch, starts, max_new_tokens):
 def _old_tokens(params, cfg, batch, max_new=None):
     starts, lengths = evaluate.answer_spans(batch)
     max_new = int(max_new or lengths.max())
-    batch = _old_decoding_batch(batch, starts, max_new)
-    return multihost.to_host(multihost.synced_call(_old_greedy_fill, params, batch, starts, cfg=cfg,
+    batch = full_forward_batch(batch, starts, max_new)
+    return multihost.to_host(multihost.synced_call(full_forward_greedy, params, batch, starts, cfg=cfg,
                                                    max_new_tokens=max_new))
 
 

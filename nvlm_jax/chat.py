@@ -105,13 +105,21 @@ def main(argv: Sequence[str]) -> None:
     options = dict(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample, temperature=FLAGS.temperature,
                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     if not FLAGS.interactive:
-        print(model.chat(images, FLAGS.question, **options))
+        try:
+            print(model.chat(images, FLAGS.question, **options))
+        except ValueError as e:  # a question this model cannot take (too long, images vs <image>, ...)
+            cli.fail(str(e))
         return
     history = None
     question = FLAGS.question or _read_line("user> ")
     while question:
-        answer, history = model.chat(images, question, history, return_history=True, **options)
-        print(f"assistant> {answer}", flush=True)
+        try:
+            answer, history = model.chat(images, question, history, return_history=True, **options)
+        except ValueError as e:
+            # One rejected follow-up must not end the session or lose the conversation so far.
+            print(f"error: {e} (not added to the conversation; ask again)", file=sys.stderr, flush=True)
+        else:
+            print(f"assistant> {answer}", flush=True)
         question = _read_line("user> ")
 
 

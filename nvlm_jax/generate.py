@@ -479,6 +479,8 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if pad_token_id == cfg.image_context_token_id:
         raise ValueError(f"pad_token_id {pad_token_id} is the image context token")
+    if sampling.do_sample and sampling.top_k > cfg.llm.vocab_size:
+        raise ValueError(f"top_k {sampling.top_k} is larger than the vocabulary ({cfg.llm.vocab_size} tokens)")
     batch = pad_prompts(input_ids, attention_mask, pad_id=pad_token_id, bucket=prompt_bucket)
     longest = int(batch.lengths.max()) + max_new_tokens
     if longest > cfg.llm.max_position_embeddings:

@@ -111,10 +111,12 @@ class SafetensorsFile:
         try:
             header = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"{self.path}: safetensors header is not UTF-8 (bad byte at offset {8 + e.start})") from None
+            offset = 8 + e.start
+            raise ValueError(f"{self.path}: safetensors header is not UTF-8 (bad byte at offset {offset})") from None
         except json.JSONDecodeError as e:
             # e.msg and the position only: the exception's text may quote the file's bytes.
-            raise ValueError(f"{self.path}: safetensors header is not valid JSON ({e.msg} at offset {8 + e.pos})") from None
+            where = f"{e.msg} at offset {8 + e.pos}"
+            raise ValueError(f"{self.path}: safetensors header is not valid JSON ({where})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: safetensors header is not a JSON object")
         self.data_start = 8 + n

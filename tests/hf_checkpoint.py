@@ -267,3 +267,26 @@ def write_standalone(folder: Path, state: dict[str, np.ndarray], config: dict, t
     if tokenizer:
         make_tiny_tokenizer(folder)
     return folder
+
+
+def flat_params(tree) -> dict[str, np.ndarray]:
+    """`{"a/b/c": array}` of a params tree."""
+    import jax
+
+    return {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def strip_dummy_heads(params, real: int) -> dict[str, np.ndarray]:
+    """Our params, flat, with the dummy ViT heads sliced away (after checking they are zero)."""
+    from nvlm_jax import weight_map as wm
+
+    flat = flat_params(params)
+    for path, axis in wm.VIT_HEAD_AXES.items():
+        name = "/".join(path)
+        if name in flat:
+            x = flat[name]
+            extra = x[wm.heads_slice(x.ndim, axis + 1, real)]
+            assert not np.any(extra), name
+            flat[name] = x[wm.heads_slice(x.ndim, axis + 1, 0, real)]
+    return flat

@@ -127,10 +127,13 @@ def test_chat_cli_single_question_and_interactive(tmp_path):
     # absl exits with status 1 after printing --help.
     usage = subprocess.run(base[:3] + ["--help"], cwd=REPO, env=env, capture_output=True, text=True).stdout
     assert "--interactive" in usage and "--question" in usage
-    run = subprocess.run(base + ["--interactive", "--question=What is it?"], input="And the colour?\n\n", cwd=REPO,
+    # The second line names a second image the chat does not have: rejected, the session goes on.
+    run = subprocess.run(base + ["--interactive", "--question=What is it?"],
+                         input="Compare with <image> please.\nAnd the colour?\n\n", cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("assistant> ") == 2 and run.stdout.count("user> ") == 2
+    assert run.stdout.count("assistant> ") == 2 and run.stdout.count("user> ") == 3
+    assert run.stderr.count("not added to the conversation") == 1
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,13 @@ def test_top_k_one_equals_greedy(model):
     np.testing.assert_array_equal(top1, greedy)
 
 
+def test_top_k_beyond_the_vocabulary_is_a_named_error(model):
+    cfg, params = model
+    too_many = SamplingParams(do_sample=True, top_k=cfg.llm.vocab_size + 1)
+    with pytest.raises(ValueError, match=f"top_k {cfg.llm.vocab_size + 1} is larger than the vocabulary"):
+        generate(params, cfg, [np.arange(1, 5, dtype=np.int32)], max_new_tokens=2, sampling=too_many)
+
+
 def test_stop_tokens_end_each_row_and_the_loop(model):
     cfg, params = model
     ids = [np.arange(1, 9, dtype=np.int32), np.arange(30, 36, dtype=np.int32)]

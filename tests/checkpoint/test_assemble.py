@@ -1,10 +1,8 @@
 """Assembly of a standalone InternViT and LLM into a fresh NVLM checkpoint."""
 
-import jax
 import numpy as np
 import pytest
 
-from nvlm_jax import weight_map as wm
 from nvlm_jax.checkpoint import assemble as assemble_lib
 from nvlm_jax.checkpoint import restore
 from tests import hf_checkpoint as hc
@@ -14,26 +12,6 @@ from tests import torch_reference as ref
 @pytest.fixture(scope="module")
 def release():
     return hc.tiny_release()
-
-
-def _flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _strip_dummy(params, real):
-    """Our params with the dummy ViT heads sliced away (after checking they are zero)."""
-    flat = _flat(params)
-    for path, axis in wm.VIT_HEAD_AXES.items():
-        name = "/".join(path)
-        if name in flat:
-            x = flat[name]
-            extra = x[wm.heads_slice(x.ndim, axis + 1, real)]
-            assert not np.any(extra), name
-            flat[name] = x[wm.heads_slice(x.ndim, axis + 1, 0, real)]
-    return flat
-
-
 
 
 # ---- assembly of standalone checkpoints ---------------------------------------------------------
@@ -52,7 +30,7 @@ def test_assemble_standalone_internvit_and_llm(release, tmp_path):
     assert cfg.image_context_token_id == hc.tiny_special_ids()["vision_pad"]
     assert cfg.replace(vision=release.cfg.vision) == release.cfg.replace(dtype="float32", param_dtype="float32")
     params = restore.load_our_params(out, cfg)
-    got, want = _strip_dummy(params, real=2), _flat(ref.jax_params_for(model))
+    got, want = hc.strip_dummy_heads(params, real=2), hc.flat_params(ref.jax_params_for(model))
     for name in want:
         if name.startswith("projector/"):
             assert got[name].shape == want[name].shape and np.all(np.isfinite(got[name]))
@@ -76,7 +54,8 @@ def test_assemble_initialises_cross_attention_for_nvlm_h(release, tmp_path):
     params = restore.load_our_params(out, cfg)
     assert sorted(params) == ["llm", "projector", "vision", "xattn"]
     assert not np.any(np.asarray(params["xattn"]["attn_gate"]))  # untrained blocks are the identity
-    np.testing.assert_array_equal(params["llm"]["embed_tokens"], _flat(ref.jax_params_for(model))["llm/embed_tokens"])
+    expected = hc.flat_params(ref.jax_params_for(model))["llm/embed_tokens"]
+    np.testing.assert_array_equal(params["llm"]["embed_tokens"], expected)
 
 
 def test_assemble_refuses_swapped_inputs(release, tmp_path):

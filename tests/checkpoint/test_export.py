@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -17,26 +16,6 @@ from tests import torch_reference as ref
 @pytest.fixture(scope="module")
 def release():
     return hc.tiny_release()
-
-
-def _flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _strip_dummy(params, real):
-    """Our params with the dummy ViT heads sliced away (after checking they are zero)."""
-    flat = _flat(params)
-    for path, axis in wm.VIT_HEAD_AXES.items():
-        name = "/".join(path)
-        if name in flat:
-            x = flat[name]
-            extra = x[wm.heads_slice(x.ndim, axis + 1, real)]
-            assert not np.any(extra), name
-            flat[name] = x[wm.heads_slice(x.ndim, axis + 1, 0, real)]
-    return flat
-
-
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -76,7 +55,7 @@ def test_export_shards_by_size_and_round_trips_our_params(release, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in _tensors(hf).values())
     cfg2, params2 = hf_import.load_hf_params(hf, "float32")
     assert cfg2 == cfg
-    a, b = _flat(params), _flat(params2)
+    a, b = hc.flat_params(params), hc.flat_params(params2)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 

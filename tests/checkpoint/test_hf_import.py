@@ -4,7 +4,6 @@ problem of a corrupted source listed at once, progress, and the prompt format wr
 import dataclasses
 import json
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import torch
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
-from nvlm_jax import weight_map as wm
 from nvlm_jax.checkpoint import copying, folders, hf_import, restore, writers
 from nvlm_jax.safetensors_io import SafetensorsFile
 from tests import hf_checkpoint as hc
@@ -24,30 +22,10 @@ def release():
     return hc.tiny_release()
 
 
-def _flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _strip_dummy(params, real):
-    """Our params with the dummy ViT heads sliced away (after checking they are zero)."""
-    flat = _flat(params)
-    for path, axis in wm.VIT_HEAD_AXES.items():
-        name = "/".join(path)
-        if name in flat:
-            x = flat[name]
-            extra = x[wm.heads_slice(x.ndim, axis + 1, real)]
-            assert not np.any(extra), name
-            flat[name] = x[wm.heads_slice(x.ndim, axis + 1, 0, real)]
-    return flat
-
-
-
-
 def test_converted_folder_holds_params_config_and_tokenizer(release):
     out = hc.tiny_converted()
-    assert sorted(p.name for p in out.iterdir()) == ["nvlm_config.json", "params", "tokenizer.json",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["nvlm_config.json", "nvlm_manifest.json", "params",
+                                                     "tokenizer.json", "tokenizer_config.json"]
     cfg = restore.read_our_config(out)
     want = release.cfg.replace(vision=dataclasses.replace(release.cfg.vision, num_dummy_heads=2),
                                dtype="float32", param_dtype="float32")
@@ -60,8 +38,8 @@ def test_converted_params_equal_the_torch_weights(release):
     cfg = restore.read_our_config(out)
     params = restore.load_our_params(out, cfg)
     assert params["vision"]["layers"]["attn"]["qkv"]["kernel"].shape == (2, 32, 3, 4, 16)  # 2 + 2 dummy heads
-    got = _strip_dummy(params, real=2)
-    want = _flat(ref.jax_params_for(release.torch_model))
+    got = hc.strip_dummy_heads(params, real=2)
+    want = hc.flat_params(ref.jax_params_for(release.torch_model))
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -70,8 +48,8 @@ def test_converted_params_equal_the_torch_weights(release):
 def test_dropping_dummy_heads_slices_them_exactly(release):
     cfg, params = hf_import.load_hf_params(release.folder, "float32", drop_dummy_heads=True)
     assert cfg.vision.num_dummy_heads == 0 and cfg.vision.total_heads == 2
-    want = _flat(ref.jax_params_for(release.torch_model))
-    got = _flat(params)
+    want = hc.flat_params(ref.jax_params_for(release.torch_model))
+    got = hc.flat_params(params)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
@@ -101,7 +79,7 @@ def test_block_streamed_copies_equal_whole_tensor_copies(release, tmp_path, monk
     _, blocked = hf_import.load_hf_params(release.folder, dtype)
     out = hf_import.convert(release.folder, tmp_path / "o", dtype=dtype, progress=False)
     restored = restore.load_our_params(out, restore.read_our_config(out))
-    a, b, c = _flat(whole), _flat(blocked), _flat(restored)
+    a, b, c = hc.flat_params(whole), hc.flat_params(blocked), hc.flat_params(restored)
     for k in a:
         assert a[k].tobytes() == b[k].tobytes() == c[k].tobytes(), k
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.eval_decode import full_forward_batch, full_forward_greedy  # the former decoder: the reference
 from nvlm_jax.config import tiny
 from nvlm_jax.generate import greedy_batch
 from nvlm_jax.models import nvlm
@@ -33,45 +34,7 @@ def test_answer_spans():
         evaluate.answer_spans(packed)
 
 
-# ---- the former decoder, kept here as the reference ----------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def _full_forward_greedy(params, batch, start, *, cfg, max_new_tokens):
-    """Greedy continuation of each row from `start[b]` by one full training forward per token
-    (the image context token never chosen), on `_decoding_batch` rows."""
-    ids = batch["input_ids"]
-    b, s = ids.shape
-    rows = jnp.arange(b)
-
-    def body(j, carry):
-        ids, out = carry
-        logits = nvlm.apply_batch(params, cfg, dict(batch, input_ids=ids))
-        pos = jnp.clip(start + j, 0, s - 1)
-        tok = jnp.argmax(logits[rows, pos].at[:, cfg.image_context_token_id].set(-jnp.inf), axis=-1)
-        out = out.at[:, j].set(tok.astype(jnp.int32))
-        nxt = jnp.clip(pos + 1, 0, s - 1)
-        return ids.at[rows, nxt].set(jnp.where(pos + 1 < s, tok, ids[rows, nxt])), out
-
-    return jax.lax.fori_loop(0, max_new_tokens, body, (ids, jnp.zeros((b, max_new_tokens), jnp.int32)))[1]
-
-
-def _decoding_batch(batch, starts, max_new_tokens):
-    """Each row's sample extended over the decoding positions; generated tokens belong to the
-    last prompt token's image and name no tile."""
-    out = {k: np.array(v) for k, v in batch.items()}
-    b, s = out["input_ids"].shape
-    idx = np.arange(s)[None, :]
-    end = np.minimum(starts[:, None] + max_new_tokens + 1, s)
-    real = np.asarray(batch["segment_ids"]) > 0
-    keep = real.any(axis=1, keepdims=True)
-    out["segment_ids"] = np.where(keep & ((idx < end) | real), 1, 0).astype(np.int32)
-    out["positions"] = np.broadcast_to(idx, (b, s)).astype(np.int32).copy()
-    after = idx > starts[:, None]
-    last_image = np.take_along_axis(out["token_image"], starts[:, None].astype(np.int64), axis=1)
-    out["token_image"] = np.where(after, last_image, out["token_image"]).astype(np.int32)
-    out["token_tile"] = np.where(after, -1, out["token_tile"]).astype(np.int32)
-    return out
+# ---- NVLM-D/X/H batches for the comparison with the former decoder (bench/eval_decode.py) ----------
 
 
 def _h_sample(cfg, rng, **kwargs):
@@ -103,7 +66,7 @@ def test_kv_cache_answers_equal_full_forward_answers(arch):
     starts, lengths = evaluate.answer_spans(batch)
     assert list(lengths) == [6, 3, 5, 0]
     steps = 8
-    want = np.asarray(_full_forward_greedy(params, _decoding_batch(batch, starts, steps), starts, cfg=cfg,
+    want = np.asarray(full_forward_greedy(params, full_forward_batch(batch, starts, steps), starts, cfg=cfg,
                                            max_new_tokens=steps))
     got = greedy_batch(params, cfg, batch, steps)
     np.testing.assert_array_equal(got[:3], want[:3])
