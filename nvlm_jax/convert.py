@@ -5,6 +5,7 @@
     # JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i set (or --coordinator_address/--num_processes/
     # --process_id; one process needs none); out_dir on a file system all processes share:
     python -m nvlm_jax.convert --hf_dir=DIR --out_dir=DIR --mesh=DATA,FSDP,TENSOR
+    python -m nvlm_jax.convert --verify=DIR          # a converted folder against its sha256 manifest
     # Export a converted folder, a training workdir (its latest step, or --step) or checkpoints/N:
     python -m nvlm_jax.convert --export_from=DIR --out_dir=DIR [--max_shard_size=5GB] [--step=best]
     python -m nvlm_jax.convert --vit_dir=DIR --llm_dir=DIR --out_dir=DIR [--arch=D]
@@ -12,7 +13,8 @@
 The work is done in `nvlm_jax.checkpoint` (import: `hf_import`, export: `export`, assembly:
 `assemble`, folder kinds: `folders`); the names below are re-exported for scripts that used
 `nvlm_jax.convert.convert(...)` and friends. Mistakes in the flags (an existing --out_dir
-without --overwrite, a checkpoint that is not there) are one line on stderr and exit status 2.
+without --overwrite, an --out_dir that is, holds or lies inside a source, a non-float --dtype,
+a checkpoint that is not there) are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from nvlm_jax.checkpoint.folders import (
     parse_step,
 )
 from nvlm_jax.checkpoint.hf_import import convert, convert_sharded, load_hf_params
-from nvlm_jax.checkpoint.paths import as_path
-from nvlm_jax.checkpoint.restore import load_our_params, param_shardings, read_our_config
+from nvlm_jax.checkpoint.manifest import verify_manifest
+from nvlm_jax.checkpoint.paths import as_path, check_apart, local_path
+from nvlm_jax.checkpoint.restore import float_dtype, load_our_params, param_shardings, read_our_config
+from nvlm_jax.checkpoint.writers import check_out_dir
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "HF_CONFIG_FILE", "INDEX_FILE", "OUR_CONFIG_FILE", "PARAMS_DIR", "TOKENIZER_FILES",
@@ -72,6 +76,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("image_context_token_id", None, "Assembly: image context token id "
                          "(default: the LLM tokenizer's <|vision_pad|>).")
     flags.DEFINE_string("max_shard_size", "5GB", "Export: largest shard, e.g. 5GB or 500MB.")
+    flags.DEFINE_bool("check_finite", True, "Import/assembly: fail, naming the tensor, when a source weight "
+                      "holds NaN or Inf.")
+    flags.DEFINE_string("verify", None, "Check a converted folder against its sha256 manifest (naming every "
+                        "missing, extra or damaged file) and exit; no other flag is needed.")
     flags.DEFINE_bool("overwrite", False, "Replace --out_dir if it exists.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.DEFINE_string("mesh", None, "Import/assembly: write straight into the sharded layout of a "
@@ -106,6 +114,12 @@ def parse_size(text: str) -> int:
 def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
     """Every check that needs no model: raises `cli.UserError` naming the mistake."""
     modes = [bool(FLAGS.hf_dir), bool(FLAGS.export_from), bool(FLAGS.vit_dir or FLAGS.llm_dir)]
+    if FLAGS.verify:
+        if any(modes) or FLAGS.out_dir:
+            raise cli.UserError("--verify=DIR checks one converted folder; give no other mode or --out_dir")
+        if not as_path(FLAGS.verify).is_dir():
+            raise cli.UserError(f"--verify {FLAGS.verify}: no such folder")
+        return None, 0
     if sum(modes) != 1 or not FLAGS.out_dir:
         raise cli.UserError("give --out_dir and exactly one of: --hf_dir, --export_from, --vit_dir + --llm_dir")
     if FLAGS.mesh and FLAGS.export_from:
@@ -115,9 +129,14 @@ def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
     try:
         sizes = parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
         max_shard = parse_size(FLAGS.max_shard_size)
+        if not FLAGS.export_from or FLAGS["dtype"].present:
+            float_dtype(FLAGS.dtype)
+        check_apart(FLAGS.out_dir, {f"--{name}": FLAGS[name].value
+                                    for name in ("hf_dir", "export_from", "vit_dir", "llm_dir")})
         out = as_path(FLAGS.out_dir)
         if out.exists() and not FLAGS.overwrite:
             raise cli.UserError(f"--out_dir {out} already exists (pass --overwrite to replace it)")
+        check_out_dir(local_path(out, "--out_dir"), overwrite=True)
         for name in ("hf_dir", "vit_dir", "llm_dir"):
             if FLAGS[name].value and not as_path(FLAGS[name].value).is_dir():
                 raise cli.UserError(f"--{name} {FLAGS[name].value}: no such folder")
@@ -135,6 +154,14 @@ def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
 def main(argv: Sequence[str]) -> None:
     del argv
     sizes, max_shard = _check_flags()
+    if FLAGS.verify:
+        try:
+            count = verify_manifest(local_path(FLAGS.verify, "--verify"))
+        except ValueError as e:  # every missing, extra or damaged file, listed
+            print(f"{cli.program()}: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"verified {FLAGS.verify}: {count} files match its manifest")
+        return
     # Before anything touches a JAX backend.
     if distributed.initialize(distributed.from_flags()) and sizes is None:
         raise cli.UserError("a multi-process run needs --mesh: without it every process would write the whole "
@@ -148,13 +175,13 @@ def main(argv: Sequence[str]) -> None:
         if FLAGS.hf_dir and mesh is not None:
             out, stats = convert_sharded(FLAGS.hf_dir, FLAGS.out_dir, mesh, dtype=FLAGS.dtype,
                                          drop_dummy_heads=FLAGS.drop_dummy_heads, overwrite=FLAGS.overwrite,
-                                         progress=FLAGS.progress)
+                                         progress=FLAGS.progress, check_finite=FLAGS.check_finite)
             print(f"process {jax.process_index()} of {jax.process_count()}: read {stats.bytes_read} source bytes "
                   f"(its share {stats.share_bytes}, whole checkpoint {stats.total_bytes}) in {stats.blocks} "
                   f"blocks; peak RSS {_peak_rss_bytes()} bytes", flush=True)
         elif FLAGS.hf_dir:
             out = convert(FLAGS.hf_dir, FLAGS.out_dir, dtype=FLAGS.dtype, drop_dummy_heads=FLAGS.drop_dummy_heads,
-                          overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+                          overwrite=FLAGS.overwrite, progress=FLAGS.progress, check_finite=FLAGS.check_finite)
         elif FLAGS.export_from:
             dtype = FLAGS.dtype if FLAGS["dtype"].present else None
             out = export_checkpoint(FLAGS.export_from, FLAGS.out_dir, step=parse_step(FLAGS.step), dtype=dtype,
@@ -164,7 +191,7 @@ def main(argv: Sequence[str]) -> None:
             out = assemble(FLAGS.vit_dir, FLAGS.llm_dir, FLAGS.out_dir, arch=FLAGS.arch, dtype=FLAGS.dtype,
                            seed=FLAGS.seed, vit_dummy_heads=FLAGS.vit_dummy_heads or 0,
                            image_context_token_id=FLAGS.image_context_token_id, overwrite=FLAGS.overwrite,
-                           progress=FLAGS.progress, mesh=mesh)
+                           progress=FLAGS.progress, mesh=mesh, check_finite=FLAGS.check_finite)
     except ValueError as e:  # the source's problems, all listed; nothing was written
         print(f"{cli.program()}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -34,6 +34,7 @@ import numpy as np
 from nvlm_jax.checkpoint import folders
 from nvlm_jax.checkpoint import restore as restore_lib
 from nvlm_jax.checkpoint.hf_import import load_hf_params
+from nvlm_jax.checkpoint.manifest import verify_manifest
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.generate import (
     GenerateOutput,
@@ -421,6 +422,8 @@ def load_pretrained(
     rules: LogicalRules = DEFAULT_RULES,
     drop_dummy_heads: bool = False,
     progress: bool = False,
+    check_finite: bool = True,
+    verify: bool = False,
 ) -> NVLMModel:
     """Loads an NVLM model from any checkpoint (see `nvlm_jax.checkpoint.folders`).
 
@@ -437,6 +440,9 @@ def load_pretrained(
         metric) or a step number.
       drop_dummy_heads: HF folders only: slice the verified-zero dummy ViT heads away.
       progress: HF folders only: draw a progress bar.
+      check_finite: HF folders only: `NonFiniteError` naming the first tensor holding NaN/Inf.
+      verify: converted folders only: check every file against the folder's sha256 manifest
+        first (`ManifestError` naming each missing, extra or damaged file).
 
     Raises:
       CheckpointNotFoundError (a FileNotFoundError) when `path` or the step does not exist,
@@ -444,9 +450,15 @@ def load_pretrained(
     """
     info = restore_lib.read_info(path, step)
     loc = info.located
+    if verify:
+        if loc.kind != "converted":
+            raise ValueError(f"{loc.path}: verify=True checks the manifest of a converted folder; this is a "
+                             f"{loc.describe()}")
+        verify_manifest(_local_root(loc, "a converted folder to verify"))
     if loc.kind == "hf":
         cfg, params = load_hf_params(_local_root(loc), dtype or "bfloat16", mesh,
-                                     drop_dummy_heads=drop_dummy_heads, progress=progress, rules=rules)
+                                     drop_dummy_heads=drop_dummy_heads, progress=progress, rules=rules,
+                                     check_finite=check_finite)
     else:
         cfg = restore_lib.with_dtype(info.config, dtype) if dtype else info.config
         params, _ = restore_lib.load_params(loc, cfg, mesh, rules)
@@ -454,8 +466,8 @@ def load_pretrained(
     return NVLMModel(cfg, params, tokenizer, mesh, rules, prompt_format=info.prompt_format, source=loc)
 
 
-def _local_root(loc: folders.Located):
+def _local_root(loc: folders.Located, what: str = "a Hugging Face folder"):
     """A Hugging Face folder as a local path (safetensors are memory-mapped)."""
     from nvlm_jax.checkpoint.paths import local_path
 
-    return local_path(loc.root, "a Hugging Face folder")
+    return local_path(loc.root, what)

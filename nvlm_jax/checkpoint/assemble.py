@@ -24,9 +24,9 @@ from nvlm_jax.checkpoint.hf_folder import (
     refuse_pickles,
     tokenizer_special_ids,
 )
-from nvlm_jax.checkpoint.paths import local_path
+from nvlm_jax.checkpoint.paths import check_apart, local_path
 from nvlm_jax.checkpoint.plan import Source, abstract_shapes, finish_plan, with_dummy_heads
-from nvlm_jax.checkpoint.restore import with_dtype
+from nvlm_jax.checkpoint.restore import float_dtype, with_dtype
 from nvlm_jax.checkpoint.writers import write_plan
 from nvlm_jax.config import NVLMConfig, ProjectorConfig, VisionConfig
 from nvlm_jax.models import nvlm as nvlm_model
@@ -113,6 +113,7 @@ def assemble(
     progress: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
+    check_finite: bool = True,
 ) -> Path:
     """Builds a fresh NVLM checkpoint from a standalone InternViT (OpenGVLab safetensors layout:
     `embeddings.*`, `encoder.layers.*`) and a standalone Qwen2/Llama causal LM (HF layout); every
@@ -120,7 +121,11 @@ def assemble(
     the LLM folder, whose `<|vision_pad|>` becomes the image context token unless
     `image_context_token_id` is given. `vit_dummy_heads` pads the ViT with zero heads (7 turns
     25 heads into the release's 32). `mesh`: write the sharded layout of that mesh, as in
-    `convert_sharded` (every process calls this)."""
+    `convert_sharded` (every process calls this). `check_finite`: `NonFiniteError` naming the
+    first NaN/Inf source tensor. ValueError, before anything is read, when `out_dir` is, holds
+    or lies inside either source folder."""
+    check_apart(out_dir, {"ViT folder": vit_dir, "LLM folder": llm_dir})
+    float_dtype(dtype)
     vit_folder, llm_folder = local_path(vit_dir, "the ViT folder"), local_path(llm_dir, "the LLM folder")
     vit_hf, vit_ckpt, problems = _standalone(vit_folder, "internvit")
     llm_hf, llm_ckpt, llm_problems = _standalone(llm_folder, "llm")
@@ -144,7 +149,8 @@ def assemble(
     for name, group in fresh.items():
         for kp, leaf in jax.tree_util.tree_flatten_with_path(group)[0]:
             extra[(name,) + tuple(str(getattr(k, "key", k)) for k in kp)] = np.asarray(leaf)
-    plan = finish_plan(sources, target, problems, [llm_folder], progress, f"{vit_folder} + {llm_folder}", extra)
+    plan = finish_plan(sources, target, problems, [llm_folder], progress, f"{vit_folder} + {llm_folder}", extra,
+                       check_finite)
     source = {"vit_dir": str(vit_folder.absolute()), "llm_dir": str(llm_folder.absolute()), "arch": arch,
               "dtype": jnp.dtype(dtype).name, "fresh": fresh_names, "seed": seed}
     return write_plan(plan, out_dir, overwrite, source, mesh, rules)

@@ -19,9 +19,10 @@ import numpy as np
 
 from nvlm_jax import weight_map as wm
 from nvlm_jax.checkpoint.folders import HF_CONFIG_FILE, INDEX_FILE, Step
+from nvlm_jax.checkpoint.paths import check_apart
 from nvlm_jax.checkpoint.plan import with_dummy_heads, zero_view
 from nvlm_jax.checkpoint.progress import Progress
-from nvlm_jax.checkpoint.restore import HF_PROMPT_FORMAT_KEY, load_our_params, read_info
+from nvlm_jax.checkpoint.restore import HF_PROMPT_FORMAT_KEY, float_dtype, load_our_params, read_info
 from nvlm_jax.checkpoint.writers import Staging, copy_tokenizer
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.processing.prompt_format import PromptFormat
@@ -132,6 +133,10 @@ def export_hf(
       tokenizer_dir: where to copy tokenizer files from.
       max_shard_bytes: shard size limit (tensors are never split).
     """
+    if dtype is not None:
+        float_dtype(dtype)
+    if tokenizer_dir is not None:
+        check_apart(out_dir, {"tokenizer folder": tokenizer_dir})
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), dict(params))
     out_cfg = cfg if vit_dummy_heads is None else with_dummy_heads(cfg, vit_dummy_heads)
     out_heads = out_cfg.vision.total_heads
@@ -205,7 +210,9 @@ def export_hf(
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: Step = "latest",
                       **kwargs) -> Path:
     """`export_hf` of a converted folder or a training checkpoint (workdir: `step`, default the
-    latest): its params in their stored dtype, its config, prompt format and tokenizer."""
+    latest): its params in their stored dtype, its config, prompt format and tokenizer.
+    ValueError, before anything is read, when `out_dir` is, holds or lies inside `ckpt_dir`."""
+    check_apart(out_dir, {"checkpoint": ckpt_dir})
     info = read_info(ckpt_dir, step)
     if info.located.kind == "hf":
         raise ValueError(f"{info.located.path}: already a Hugging Face folder, nothing to export")

@@ -61,7 +61,9 @@ def open_safetensors(folder: str | os.PathLike) -> tuple[SafetensorsCheckpoint, 
 
     Returns the checkpoint (whatever could be opened) and the list of problems: missing shard
     files, truncated or corrupt shards, index entries whose shard lacks the tensor, tensors the
-    index does not list, a tensor in two shards. Refuses pickled weights (ValueError).
+    index does not list, a tensor in two shards, shard names that are not plain file names
+    inside `folder` (never opened), an index `metadata.total_size` other than the tensors'
+    bytes. Refuses pickled weights (ValueError).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -75,7 +77,12 @@ def open_safetensors(folder: str | os.PathLike) -> tuple[SafetensorsCheckpoint, 
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index_path}: no 'weight_map' object")
-        names = sorted(set(weight_map.values()))
+        for key, name in weight_map.items():
+            if not is_plain_file_name(name):
+                shown = repr(name)[:80] if isinstance(name, str) else f"a {type(name).__name__}"
+                problems.append(f"the index maps {key!r} to {shown}, which is not a file name inside {folder} "
+                                "(a path, '..' or not a string); it is never opened")
+        names = sorted({name for name in weight_map.values() if is_plain_file_name(name)})
     elif (folder / SINGLE_FILE).is_file():
         names = [SINGLE_FILE]
     else:
@@ -108,7 +115,9 @@ def open_safetensors(folder: str | os.PathLike) -> tuple[SafetensorsCheckpoint, 
                 if key not in weight_map:
                     problems.append(f"{name} holds {key!r}, which the index does not list")
                 elif weight_map[key] != name:
-                    problems.append(f"{key!r} is in {name} but the index says {weight_map[key]}")
+                    problems.append(f"{key!r} is in {name} but the index says {str(weight_map[key])[:80]!r}")
+        if not problems:
+            _check_total_size(index.get("metadata"), key_to_file, problems)
     else:
         for name, f in files.items():
             for key in f.keys():
@@ -116,6 +125,24 @@ def open_safetensors(folder: str | os.PathLike) -> tuple[SafetensorsCheckpoint, 
                     problems.append(f"{key!r} is in both {key_to_file[key].path.name} and {name}")
                 key_to_file[key] = f
     return SafetensorsCheckpoint(folder, files, key_to_file), problems
+
+
+def is_plain_file_name(name) -> bool:
+    """Whether `name` is a file name that stays inside its folder: a non-empty string without
+    path separators, NUL, '.' or '..' (so a shard can never be read from elsewhere)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and os.path.basename(name) == name and not os.path.isabs(name))
+
+
+def _check_total_size(metadata, key_to_file: Mapping[str, SafetensorsFile], problems: list[str]) -> None:
+    """The index's `metadata.total_size` (when given) must be the listed tensors' bytes."""
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if total is None:
+        return
+    have = sum(f.info(k).nbytes for k, f in key_to_file.items())
+    if isinstance(total, bool) or not isinstance(total, int | float) or total != have:
+        shown = repr(total)[:40]
+        problems.append(f"{INDEX_FILE}: metadata.total_size is {shown}, but its tensors hold {have} bytes")
 
 
 def detect_layout(hf_config: Mapping[str, Any], source: str) -> str:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nvlm_jax import weight_map as wm
+from nvlm_jax.checkpoint.paths import check_apart
 from nvlm_jax.checkpoint.plan import plan_nvlm
 from nvlm_jax.checkpoint.restore import param_shardings
 from nvlm_jax.checkpoint.writers import ShardedWrite, write_plan, write_plan_sharded
@@ -36,6 +37,7 @@ def convert(
     progress: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
+    check_finite: bool = True,
 ) -> Path:
     """Converts an NVLM-D Hugging Face folder into our Orbax checkpoint folder `out_dir`.
 
@@ -50,14 +52,19 @@ def convert(
       mesh: None: stream the params through host memory one slab at a time (one process).
         A mesh: `convert_sharded`, called by every process of the job.
       rules: logical-axis rules of the sharded layout.
+      check_finite: raise `NonFiniteError` naming the first source tensor holding NaN or Inf
+        (checked per slab while streaming; nothing is left behind).
 
     Returns:
-      `out_dir` as an absolute Path. Raises ValueError listing every problem of the source.
+      `out_dir` as an absolute Path (its last file, `nvlm_manifest.json`, holds every file's
+      sha256). Raises ValueError listing every problem of the source, and before anything is
+      read when `out_dir` is, holds or lies inside `hf_dir`.
     """
     if mesh is not None:
         return convert_sharded(hf_dir, out_dir, mesh, dtype=dtype, drop_dummy_heads=drop_dummy_heads,
-                               overwrite=overwrite, progress=progress, rules=rules)[0]
-    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress)
+                               overwrite=overwrite, progress=progress, rules=rules, check_finite=check_finite)[0]
+    check_apart(out_dir, {"Hugging Face folder": hf_dir})
+    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress, check_finite)
     return write_plan(plan, out_dir, overwrite, _convert_source(hf_dir, dtype, drop_dummy_heads))
 
 
@@ -76,6 +83,7 @@ def convert_sharded(
     overwrite: bool = False,
     progress: bool = True,
     rules: LogicalRules = DEFAULT_RULES,
+    check_finite: bool = True,
 ) -> tuple[Path, ShardedWrite]:
     """`convert` straight into the sharded layout of `mesh`; every process of the job calls it.
 
@@ -87,7 +95,8 @@ def convert_sharded(
 
     Returns `(out_dir, what this process read)`.
     """
-    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress)
+    check_apart(out_dir, {"Hugging Face folder": hf_dir})
+    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress, check_finite)
     source = _convert_source(hf_dir, dtype, drop_dummy_heads, mesh=dict(mesh.shape), processes=jax.process_count())
     return write_plan_sharded(plan, out_dir, overwrite, source, mesh, rules)
 
@@ -100,13 +109,15 @@ def load_hf_params(
     drop_dummy_heads: bool = False,
     progress: bool = False,
     rules: LogicalRules = DEFAULT_RULES,
+    check_finite: bool = True,
 ) -> tuple[NVLMConfig, dict]:
     """Reads an NVLM-D Hugging Face folder straight into device arrays (no Orbax step).
 
     Params are assembled one at a time on the host and placed on `mesh` (or the first device),
     so host memory peaks near the largest (stacked) param. Returns `(config, params)`.
+    `check_finite`: `NonFiniteError` naming the first NaN/Inf source tensor.
     """
-    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress)
+    plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress, check_finite)
     shardings = param_shardings(plan.cfg, mesh, rules)
     try:
         flat = {path: jax.device_put(p.materialize(), wm.tree_get(shardings, path)) for path, p in plan.params.items()}

@@ -86,3 +86,26 @@ def local_path(path: str | os.PathLike, what: str = "this"):
     if is_remote(p):
         raise ValueError(f"{p}: {what} must be on a local (or mounted) file system, not {scheme_of(p)}://")
     return pathlib.Path(os.fspath(p))
+
+
+def check_apart(out_dir: str | os.PathLike, sources: dict[str, str | os.PathLike | None]) -> None:
+    """Raises ValueError when the output folder `out_dir` is one of the `sources` (name -> path),
+    lies inside one or holds one: writing (with overwrite) would delete or pollute the source.
+    Real paths are compared (symlinks resolved); remote paths are never local folders."""
+    if is_remote(out_dir):
+        return
+    out = os.path.realpath(os.fspath(as_path(out_dir)))
+    for name, src in sources.items():
+        if src is None or is_remote(src):
+            continue
+        real = os.path.realpath(os.fspath(as_path(src)))
+        if out == real:
+            relation = "is"
+        elif os.path.commonpath([out, real]) == real:
+            relation = "is inside"
+        elif os.path.commonpath([out, real]) == out:
+            relation = "contains"
+        else:
+            continue
+        raise ValueError(f"the output folder {out_dir} {relation} the {name} {src} (real paths {out} and {real}); "
+                         "writing there would delete or change the source: choose another output folder")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -31,11 +32,11 @@ from nvlm_jax.checkpoint.hf_folder import (
 )
 from nvlm_jax.checkpoint.paths import local_path
 from nvlm_jax.checkpoint.progress import Progress
-from nvlm_jax.checkpoint.restore import hf_prompt_format, with_dtype
+from nvlm_jax.checkpoint.restore import float_dtype, hf_prompt_format, with_dtype
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.processing.prompt_format import PromptFormat
-from nvlm_jax.safetensors_io import SafetensorsFile
+from nvlm_jax.safetensors_io import SafetensorsFile, dtype_tag
 
 
 @dataclasses.dataclass
@@ -49,6 +50,7 @@ class SourceSlot:
     cfg: NVLMConfig  # head counts of the checkpoint's own layout
     head_axis: int | None  # head axis of the transformed tensor, for dummy-head handling
     heads: int  # heads our param has on that axis
+    check_finite: bool = False  # raise NonFiniteError when a copied value is NaN or ±Inf
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +65,15 @@ class SourceSlot:
 
     def copy_into(self, dst: np.ndarray) -> None:
         copy_tensor(dst, self.file, self.key, self.view)
+        if self.check_finite:
+            self._check_finite(dst)
+
+    def _check_finite(self, x: np.ndarray) -> None:
+        bad = count_nonfinite(x)
+        if bad:
+            raise NonFiniteError(f"tensor {self.key!r} ({self.file.path}) holds {bad} non-finite values (NaN or "
+                                 "Inf) in what was read of it; pass check_finite=False (--nocheck_finite) to "
+                                 "accept them")
 
     def read_region(self, bounds: Bounds, dst: np.ndarray) -> int:
         """Copies what this slot holds of the per-layer block `bounds` of our param into `dst`
@@ -102,7 +113,26 @@ class SourceSlot:
         else:  # the transform copied (none of ours does): the whole tensor was read
             data, nbytes = np.asarray(sub), self.nbytes
         dst[tuple(dst_index)] = data
+        if self.check_finite:
+            self._check_finite(dst[tuple(dst_index)])
         return nbytes
+
+
+class NonFiniteError(ValueError):
+    """A source weight holds NaN or ±Inf (found while streaming it, with `check_finite`)."""
+
+
+FINITE_BLOCK_BYTES = 16 * 1024**2
+
+
+def count_nonfinite(x: np.ndarray) -> int:
+    """How many values of `x` are NaN or ±Inf, checked in blocks of leading-axis rows of about
+    `FINITE_BLOCK_BYTES` (the bool mask never covers a whole large slab)."""
+    if x.ndim == 0 or x.size == 0:
+        return int(x.size - np.count_nonzero(np.isfinite(x)))
+    rows = max(1, FINITE_BLOCK_BYTES // max(1, x[0].nbytes))
+    return sum(int(x[i : i + rows].size - np.count_nonzero(np.isfinite(x[i : i + rows])))
+               for i in range(0, x.shape[0], rows))
 
 
 class StreamedParam(abc.ABC):
@@ -227,13 +257,15 @@ def plan_params(
     shapes: Mapping,
     problems: list[str],
     progress: Callable[[int], None] | None = None,
+    check_finite: bool = True,
 ) -> dict[tuple[str, ...], MappedParam]:
     """Maps every source tensor to its slot in our params; appends every problem found.
 
     `shapes`: our params' `ShapeDtypeStruct` tree (its dtypes are the target dtypes). Checks:
     unexpected keys, keys for params the model lacks, layer indices out of range, wrong shapes,
-    two keys for one slot, params/layers/parts no key fills, and (reading only those tensors)
-    that dummy ViT heads are exactly zero.
+    integer or bool tensors for float params, two keys for one slot, params/layers/parts no key
+    fills, and (reading only those tensors) that dummy ViT heads are exactly zero.
+    `check_finite`: the params raise `NonFiniteError` naming the first NaN/Inf tensor they read.
     """
     params: dict[tuple[str, ...], MappedParam] = {}
     shape_cache: dict[tuple, tuple[int, ...] | str] = {}
@@ -259,6 +291,10 @@ def plan_params(
             slab_shape = tuple(leaf.shape[1:] if layered else leaf.shape)
             want = zero_view(slab_shape)[target.part].shape if target.part is not None else slab_shape
             info = file.info(key)
+            if info.dtype.kind in "biu" and jnp.issubdtype(leaf.dtype, jnp.floating):
+                problems.append(f"key {where}: stored as {dtype_tag(info.dtype)}, an integer/bool type, but "
+                                f"{'/'.join(path)} is a float weight (a re-tagged header?)")
+                continue
             cache_key = (src.layout, id(src.cfg), target.transform.name, info.shape)
             if cache_key not in shape_cache:
                 try:
@@ -286,7 +322,7 @@ def plan_params(
             if param is None:
                 param = params[path] = MappedParam(path, leaf.shape, leaf.dtype, layered, progress)
             slot = SourceSlot(key, file, target.transform, target.part, src.cfg, axis,
-                              want[axis] if axis is not None else 0)
+                              want[axis] if axis is not None else 0, check_finite)
             param.slots.setdefault(target.layer, []).append(slot)
             if axis is not None and src.cfg.vision.num_dummy_heads:
                 dummy_checks.append((slot, src.cfg.vision.num_heads, src.cfg.vision.total_heads))
@@ -378,9 +414,12 @@ def plan_nvlm(
     dtype: str = "bfloat16",
     drop_dummy_heads: bool = False,
     progress: bool = False,
+    check_finite: bool = True,
 ) -> ConversionPlan:
     """Validates an NVLM-D release-layout folder and plans its conversion (reads no weights,
-    except the dummy-head slices it verifies). Raises one ValueError listing every problem."""
+    except the dummy-head slices it verifies). Raises one ValueError listing every problem.
+    `check_finite`: reading a NaN/Inf weight raises `NonFiniteError` naming it."""
+    float_dtype(dtype)  # before anything is read
     folder = local_path(hf_dir, "a Hugging Face folder to import")
     if not folder.is_dir():
         raise ValueError(f"{folder}: checkpoint folder does not exist")
@@ -412,15 +451,18 @@ def plan_nvlm(
     cfg = with_dtype(src_cfg, dtype)
     if drop_dummy_heads:
         cfg = with_dummy_heads(cfg, 0)
-    plan = finish_plan([Source("nvlm", ckpt, src_cfg)], cfg, problems, [folder], progress, str(folder))
+    plan = finish_plan([Source("nvlm", ckpt, src_cfg)], cfg, problems, [folder], progress, str(folder),
+                       check_finite=check_finite)
     return dataclasses.replace(plan, prompt_format=hf_prompt_format(hf_cfg, src_cfg))
 
 
-def finish_plan(sources, cfg, problems, folders, progress, what, extra=None) -> ConversionPlan:
+def finish_plan(sources, cfg, problems, folders, progress, what, extra=None, check_finite: bool = True
+                ) -> ConversionPlan:
     total_bytes = sum(s.ckpt.total_bytes for s in sources)
     total_tensors = sum(len(s.ckpt.key_to_file) for s in sources)
     bar = Progress(total_tensors, total_bytes, progress, desc="convert")
-    params: dict = plan_params(sources, abstract_shapes(cfg), problems, progress=bar.update)
+    params: dict = plan_params(sources, abstract_shapes(cfg), problems, progress=bar.update,
+                               check_finite=check_finite)
     raise_problems(problems, what)
     for path, arr in (extra or {}).items():
         params[path] = ArrayParam(path, arr)

@@ -150,9 +150,23 @@ def read_config(path: str | os.PathLike, step: Step = "latest") -> NVLMConfig:
     return read_info(path, step).config
 
 
+def float_dtype(dtype) -> str:
+    """The name of floating-point `dtype` ("bf16" -> "bfloat16"); ValueError for anything else
+    (an integer or bool dtype would silently truncate every weight)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype {dtype!r} is not a dtype; use a floating-point one such as bfloat16 or "
+                         "float32") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype {dt.name} is not a floating-point dtype; params are stored as floats (use "
+                         "bfloat16, float16 or float32)")
+    return dt.name
+
+
 def with_dtype(cfg: NVLMConfig, dtype: str) -> NVLMConfig:
-    """`cfg` stored and computed in `dtype`."""
-    name = jnp.dtype(dtype).name
+    """`cfg` stored and computed in floating-point `dtype` (ValueError for any other)."""
+    name = float_dtype(dtype)
     return cfg.replace(dtype=name, param_dtype=name)
 
 

@@ -9,6 +9,10 @@ A converted folder:
     out_dir/nvlm_config.json   {"format": "nvlm_jax.orbax", "config": NVLMConfig.to_dict(),
                                 "prompt_format": PromptFormat.to_dict(), "source": {...}}
     out_dir/<tokenizer files>  copied verbatim
+    out_dir/nvlm_manifest.json size + sha256 of every other file, written last (`manifest.py`)
+
+A staging folder (`.<out_dir name>.tmp-*`) holds a marker with its writer's pid and host until
+the rename; the next conversion into the same parent removes those of dead runs.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ import numpy as np
 from nvlm_jax import weight_map as wm
 from nvlm_jax.checkpoint.copying import Bounds
 from nvlm_jax.checkpoint.folders import FORMAT, FORMAT_VERSION, OUR_CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILES
+from nvlm_jax.checkpoint.manifest import write_manifest
 from nvlm_jax.checkpoint.paths import local_path
 from nvlm_jax.checkpoint.plan import ArrayParam, ConversionPlan, MappedParam, StreamedParam
 from nvlm_jax.checkpoint.progress import Progress
@@ -39,6 +48,8 @@ from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules
+
+log = logging.getLogger(__name__)
 
 # Orbax chunk size target: a stacked param is chunked per layer, then split to ≤ this size.
 CHUNK_BYTES = 64 * 1024**2
@@ -75,6 +86,10 @@ def _streamed_handler(budget_bytes: int):
     writes earlier slabs on its own threads); a new slab is started only while the slabs
     being written plus it stay within `budget_bytes` (or nothing is in flight), which bounds
     host memory near the largest slab.
+
+    A slab that raises (e.g. `NonFiniteError`) is kept in `.error` and every write stops
+    producing slabs, so the save ends cleanly (no TensorStore write outlives it) and the
+    caller raises the error and removes the folder.
     """
     import tensorstore as ts
     from orbax.checkpoint import type_handlers
@@ -84,6 +99,7 @@ def _streamed_handler(budget_bytes: int):
             super().__init__(deepcopy_host_arrays=False)
             self._cond: asyncio.Condition | None = None
             self._in_flight = 0
+            self.error: Exception | None = None
 
         async def _open_and_write(self, value, tspec, ts_context):
             if self._cond is None:
@@ -97,7 +113,13 @@ def _streamed_handler(budget_bytes: int):
             while True:
                 async with cond:
                     await cond.wait_for(lambda: self._in_flight == 0 or self._in_flight + nbytes <= budget_bytes)
-                    item = next(slabs, None)
+                    if self.error is not None:
+                        return
+                    try:
+                        item = next(slabs, None)
+                    except Exception as e:  # noqa: BLE001 - raised by save_streamed once the save has ended
+                        self.error = e
+                        return
                     if item is None:
                         return
                     self._in_flight += nbytes
@@ -133,8 +155,14 @@ def save_streamed(directory: Path, tree: Mapping) -> None:
         return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if layered else ())
 
     args = jax.tree_util.tree_map(save_args, tree, is_leaf=is_leaf)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
-        ckptr.save(directory, args=ocp.args.PyTreeSave(tree, save_args=args))
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+            ckptr.save(directory, args=ocp.args.PyTreeSave(tree, save_args=args))
+    except Exception:
+        if handler.error is None:
+            raise
+    if handler.error is not None:  # Orbax's own complaint (params missing) is a consequence of it
+        raise handler.error
 
 
 # ---- sharded writing: each process reads and writes only its shards --------------------------
@@ -242,14 +270,80 @@ def save_sharded(
 # ---- public conversion entry points ------------------------------------------------------------
 
 
+STAGING_MARKER = ".nvlm_staging.json"
+STALE_UNMARKED_SECONDS = 3600
+_STAGING_NAME = re.compile(r"\..+\.tmp-.+")  # .<out_dir name>.tmp-<random or "sharded">
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def mark_staging(tmp: Path) -> None:
+    """Gives a staging folder the usual folder mode (0o777 & ~umask, as `mkdir` would; mkdtemp
+    makes 0o700) and a marker naming its writer (pid, host), so a later run can tell a folder
+    a dead run left behind (`remove_stale_staging`) from one a live run is writing."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    marker = {"pid": os.getpid(), "host": socket.gethostname(), "created": time.time()}
+    (tmp / STAGING_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _is_stale(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / STAGING_MARKER).read_text(encoding="utf-8"))
+        pid, host = int(marker["pid"]), str(marker["host"])
+    except FileNotFoundError:
+        try:
+            return time.time() - folder.stat().st_mtime > STALE_UNMARKED_SECONDS
+        except OSError:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable marker (being written?): leave it
+    return host == socket.gethostname() and not _pid_alive(pid)
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Removes the staging folders (`.<name>.tmp-*`) in `parent` that dead runs left behind: a
+    marker whose pid is not alive on this host, or no marker and older than an hour. Logs a
+    warning naming each; returns them."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (_STAGING_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()):
+            continue
+        if _is_stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            log.warning("removed %s, the staging folder of a conversion that died", entry)
+    return removed
+
+
 class Staging:
-    """A temporary sibling folder that becomes `out_dir` only when the block succeeds."""
+    """A temporary sibling folder that becomes `out_dir` only when the block succeeds (stale
+    staging folders of dead runs in the same parent are removed first)."""
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool):
         self.out = local_path(out_dir, "the output folder").absolute()
         check_out_dir(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(self.out.parent)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        mark_staging(self.tmp)
 
     def __enter__(self) -> Path:
         return self.tmp
@@ -258,10 +352,18 @@ class Staging:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        (self.tmp / STAGING_MARKER).unlink(missing_ok=True)
         replace_dir(self.tmp, self.out)
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
+    """ValueError when `out` exists (without `overwrite`) or cannot be a folder (an ancestor is
+    a regular file)."""
+    for ancestor in out.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"{out}: cannot create the output folder, {ancestor} is a file, not a folder")
+            break
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
 
@@ -325,14 +427,19 @@ def write_plan_sharded(plan: ConversionPlan, out_dir, overwrite: bool, source: d
     tmp = out.parent / f".{out.name}.tmp-sharded"
     if primary:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died
+        remove_stale_staging(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run into the same out_dir
         tmp.mkdir()
+        mark_staging(tmp)
     _sync("staging")
     try:
         stats = save_sharded(tmp / PARAMS_DIR, plan, mesh, rules, plan.progress is not None and plan.progress.enabled)
+        _sync("written")  # every process's shards are complete before they are hashed
         if primary:
             write_our_config(tmp, plan.cfg, source, plan.prompt_format)
             copy_tokenizer(plan.folders, tmp)
+            (tmp / STAGING_MARKER).unlink(missing_ok=True)
+            write_manifest(tmp)
             replace_dir(tmp, out)
     except BaseException:
         if primary:
@@ -354,6 +461,8 @@ def write_plan(plan: ConversionPlan, out_dir, overwrite: bool, source: dict[str,
                 plan.progress.close()
         write_our_config(tmp, plan.cfg, source, plan.prompt_format)
         copy_tokenizer(plan.folders, tmp)
+        (tmp / STAGING_MARKER).unlink(missing_ok=True)
+        write_manifest(tmp)  # last: a folder with a manifest was written completely
     return local_path(out_dir).absolute()
 
 

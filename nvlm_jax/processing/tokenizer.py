@@ -184,7 +184,8 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
       checked here and available via `get_special_tokens(tokenizer)`.
 
     Raises:
-      ValueError: naming the folder when files or a required special token are missing.
+      ValueError: naming the folder when files or a required special token are missing, and
+      naming the file when one is damaged (not JSON, not a tokenizer).
     """
     path = Path(folder)
     if not path.is_dir():
@@ -210,10 +211,12 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
         if class_name and not has_json:
             raise ValueError(f"{path}: unknown tokenizer_class {class_name!r} in {config_path}")
         cls = transformers.PreTrainedTokenizerFast if has_json else transformers.Qwen2Tokenizer
+    if has_json:
+        _read_json(path / TOKENIZER_FILE)  # a named error for a damaged file, not the tokenizers library's
     try:
         tokenizer = cls.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot load tokenizer: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
+        raise ValueError(f"{path}: cannot load tokenizer: {type(e).__name__}: {str(e)[:200]}") from e
     backend = _backend_of(tokenizer)
     special_tokens_of(backend, str(path))
     return tokenizer
@@ -234,8 +237,9 @@ def tokenizer_from_spec(spec: str | os.PathLike[str]) -> Any:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = f"{e.msg} at offset {e.pos}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise ValueError(f"{path}: cannot read JSON ({detail})") from e
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import nvlm_jax
 from nvlm_jax import config as C
 from nvlm_jax.checkpoint import assemble as assemble_lib
-from nvlm_jax.checkpoint import hf_import, restore, writers
+from nvlm_jax.checkpoint import hf_import, manifest, restore, writers
 from nvlm_jax.sharding import make_mesh
 from tests import hf_checkpoint as hc
 from tests import torch_reference as ref
@@ -148,8 +148,9 @@ def test_each_process_reads_and_writes_only_its_share(sharded):
     for i in range(PROCESSES):
         written = [p for p in (out / "params" / f"ocdbt.process_{i}").rglob("*") if p.is_file()]
         assert written and sum(p.stat().st_size for p in written) > 0.2 * total, i
-    assert sorted(p.name for p in out.iterdir()) == ["nvlm_config.json", "params", "tokenizer.json",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["nvlm_config.json", "nvlm_manifest.json", "params",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert manifest.verify_manifest(out) > 4  # process 0 hashed every process's files after the barrier
     assert not list(out.parent.glob(".ckpt.tmp-*"))  # staging renamed away
 
 
