@@ -97,7 +97,10 @@ def main(argv: Sequence[str]) -> None:
         mesh = make_mesh(data=1, fsdp=-1, tensor=FLAGS.tensor_parallel)
     elif jax.device_count() > 1:
         mesh = choose_mesh(read_config(located.path, step), jax.device_count())
-    model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step)
+    try:
+        model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step)
+    except ValueError as e:  # a damaged checkpoint or tokenizer: named by the loader, one line here
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     if model.tokenizer is None:
         cli.fail(f"{located.path} has no tokenizer files; chat needs them")

@@ -225,3 +225,15 @@ def test_chat_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and message in run.stderr
     assert run.stderr.startswith("nvlm_jax.chat: error: ")
+
+
+def test_chat_cli_damaged_tokenizer_is_one_line(tmp_path):
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(hc.tiny_converted(), broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    run = _cli([f"--checkpoint={broken}", "--question=hi"], cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.strip().splitlines() if not line.startswith(("loading ", "loaded "))]
+    assert len(lines) == 1 and "tokenizer.json" in lines[0] and lines[0].startswith("nvlm_jax.chat: error: ")
