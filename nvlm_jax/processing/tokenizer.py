@@ -124,7 +124,13 @@ class TextEncoder:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of `text` and, per id, its `(start, end)` character span in `text`."""
+        """Ids of `text` and, per id, its `(start, end)` character span in `text`.
+
+        A string holding lone surrogates (valid JSON `"\\ud800"`, not Unicode text) is a ValueError."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text holds a lone surrogate at character {e.start} (not valid Unicode)") from None
         enc = self.backend.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
