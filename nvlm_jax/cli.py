@@ -45,6 +45,13 @@ def quiet_logging() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Orbax logs through absl; its warnings about its own layout (e.g. per-item metadata files that
+    # training checkpoints do not have) say nothing a CLI user can act on.
+    logging.getLogger("absl").addFilter(_below_error_from_orbax)
+
+
+def _below_error_from_orbax(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
