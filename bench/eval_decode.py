@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.configs import tiny  # noqa: E402
+from nvlm_jax import batch_decode  # noqa: E402
 from nvlm_jax import generate as gen  # noqa: E402
 from nvlm_jax.models import nvlm  # noqa: E402
 from nvlm_jax.train import evaluate, launch, multihost  # noqa: E402
@@ -120,7 +121,7 @@ def new_answers(ev: evaluate.ExactMatchEvaluator, params) -> dict:
         out[task] = []
         for batch in batches:
             _, lengths = evaluate.answer_spans(batch)
-            tokens = gen.greedy_batch(params, ev.cfg, batch, ev.max_new_tokens, stop_token_ids=ev.stop_ids,
+            tokens = batch_decode.greedy_batch(params, ev.cfg, batch, ev.max_new_tokens, stop_token_ids=ev.stop_ids,
                                       prompt_bucket=ev.prompt_bucket)
             for r in np.flatnonzero(lengths > 0):
                 pred, stopped = gen.cut_at_stop(tokens[r], ev.stop_ids)

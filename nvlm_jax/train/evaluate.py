@@ -1,6 +1,6 @@
 """Held-out evaluation during training: exact-match accuracy of greedy answers, per task.
 
-Answers come from the one KV-cache decoder (`nvlm_jax.generate.greedy_batch`), for every arch
+Answers come from the one KV-cache decoder (`nvlm_jax.batch_decode.greedy_batch`), for every arch
 (D, X, H): each row is cut after its last prompt token and decoded with its own tiles, the
 image context token never generated. The evaluator decodes all its batches with one
 `max_new_tokens` (the longest reference answer of any batch) and one prompt width (the longest
@@ -25,8 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from nvlm_jax.batch_decode import answer_spans, greedy_batch
 from nvlm_jax.config import NVLMConfig
-from nvlm_jax.generate import PROMPT_BUCKET, answer_spans, cut_at_stop, greedy_batch
+from nvlm_jax.generate import PROMPT_BUCKET, cut_at_stop
 from nvlm_jax.models import nvlm
 from nvlm_jax.models.loss import token_stats
 from nvlm_jax.train import multihost

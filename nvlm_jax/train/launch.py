@@ -337,8 +337,9 @@ def question_batch(c, cfg: NVLMConfig, tokenizer, image, question: str) -> dict:
 
 def ask(run: Run, params, image, question: str, max_new_tokens: int = 16) -> str:
     """The model's greedy answer to `question` about `image` (see `question_batch`), from the
-    KV-cache decoder (`nvlm_jax.generate.greedy_batch`)."""
-    from nvlm_jax.generate import cut_at_stop, greedy_batch
+    KV-cache decoder (`nvlm_jax.batch_decode.greedy_batch`)."""
+    from nvlm_jax.batch_decode import greedy_batch
+    from nvlm_jax.generate import cut_at_stop
     from nvlm_jax.processing import tokenizer as tok
 
     batch = question_batch(run.config, run.model, run.tokenizer, image, question)

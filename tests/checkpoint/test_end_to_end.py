@@ -29,9 +29,9 @@ def _tiny_config():
 @pytest.mark.slow
 def test_a_trained_workdir_prompts_like_its_training_data(tmp_path):
     import nvlm_jax
+    from nvlm_jax.batch_decode import answer_spans
     from nvlm_jax.data.pipeline import record_batch
     from nvlm_jax.eval import runner
-    from nvlm_jax.generate import answer_spans
     from nvlm_jax.train import launch
 
     c = _tiny_config()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bench.eval_decode import full_forward_batch, full_forward_greedy  # the former decoder: the reference
+from nvlm_jax.batch_decode import greedy_batch
 from nvlm_jax.config import tiny
-from nvlm_jax.generate import greedy_batch
 from nvlm_jax.models import nvlm
 from nvlm_jax.train import evaluate
 from tests.train import fakes

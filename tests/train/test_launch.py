@@ -90,9 +90,9 @@ def test_question_batch_puts_the_answer_after_the_assistant_turn(tokenizer):
 
 
 def test_ask_answers_greedily_from_the_question_batch(tokenizer):
+    from bench.eval_decode import full_forward_batch, full_forward_greedy
     from nvlm_jax.models import nvlm
     from nvlm_jax.processing import tokenizer as tok
-    from tests.train.test_evaluate import _decoding_batch, _full_forward_greedy
 
     c = TINY.get_config()
     cfg = launch.model_config(c, tokenizer)
@@ -102,7 +102,7 @@ def test_ask_answers_greedily_from_the_question_batch(tokenizer):
     answer = launch.ask(run, params, image, question, max_new_tokens=6)
     batch = launch.question_batch(c, cfg, tokenizer, image, question)
     starts, _ = evaluate.answer_spans(batch)
-    want = np.asarray(_full_forward_greedy(params, _decoding_batch(batch, starts, 6), starts, cfg=cfg,
+    want = np.asarray(full_forward_greedy(params, full_forward_batch(batch, starts, 6), starts, cfg=cfg,
                                            max_new_tokens=6))[0]
     want, _ = evaluate.cut_at_stop(want, [tok.get_special_tokens(tokenizer).im_end])
     assert answer == tok.decode(tokenizer, want.tolist()).strip()
