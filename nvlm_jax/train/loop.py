@@ -219,20 +219,22 @@ def train(
 def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, train_iter, run_config: Mapping[str, Any],
                            allow_changes: bool):
     """The latest checkpoint that restores completely, its data-iterator state set on
-    `train_iter`; None when there is none (a fresh run).
+    `train_iter`; None when there is no checkpoint (a fresh run).
 
-    A checkpoint whose files cannot be read, or that lacks the data-iterator state this run
-    needs, is set aside (renamed `<step>.unusable`, never deleted) with a warning naming why, and
-    the previous one is tried. A run config that changed in ways that break exact resumption is
-    refused (`resume.ResumeConfigError`) unless `allow_changes`."""
+    Newer checkpoints whose files cannot be read, or that lack the data-iterator state this run
+    needs, are set aside (renamed `<step>.unusable`, never deleted) with a warning naming why,
+    once an older one has restored. If none restores, nothing is renamed and a ValueError lists
+    every step's reason (a run never silently starts over). A run config that changed in ways
+    that break exact resumption is refused (`resume.ResumeConfigError`) unless `allow_changes`."""
     layout = data_shard_layout(train_iter)
     needs_data = hasattr(train_iter, "set_state")
+    unusable: list[tuple[int, str]] = []
     for step in sorted(ckpts.all_steps(), reverse=True):
         where = ckpts.directory / str(step)
         try:
             saved = ckpts.read_run_config(step)
         except ValueError as e:
-            _set_aside(ckpts, step, str(e))
+            unusable.append((step, str(e)))
             continue
         changes = resume.check_resume_config(saved, run_config, str(where), allow_changes)
         if changes:
@@ -240,23 +242,34 @@ def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, train_iter, ru
         try:
             restored = ckpts.restore(state_shapes, step=step, data_shards=layout)
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file fails in many ways
-            _set_aside(ckpts, step, f"{where}: cannot restore it: {type(e).__name__}: {e}")
+            unusable.append((step, f"{where}: cannot restore it: {type(e).__name__}: {e}"))
             continue
         if needs_data and restored.data_state is None:
-            _set_aside(ckpts, step, f"{where}: it holds no data-iterator state, so the run would restart its data "
-                                    "from the beginning")
+            unusable.append((step, f"{where}: it holds no data-iterator state, so the run would restart its data "
+                                   "from the beginning"))
             continue
         if restored.data_state is not None:
             if not needs_data:
                 raise ValueError("the checkpoint holds a data iterator state but train_iter has no set_state")
-            train_iter.set_state(restored.data_state.states if layout else restored.data_state)
+            try:
+                train_iter.set_state(restored.data_state.states if layout else restored.data_state)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{where}: its data-iterator state does not fit this run's data pipeline "
+                                 f"({type(e).__name__}: {e}); was data.* changed (allow_resume_changes)? Resume "
+                                 "with the saved data settings or use a new workdir") from e
+        for bad, why in unusable:
+            _set_aside(ckpts, bad, why)
         return restored
+    if unusable:
+        reasons = "; ".join(why for _, why in unusable)
+        raise ValueError(f"{ckpts.directory}: no checkpoint of this run can be resumed from ({reasons}). Nothing was "
+                         "changed on disk: fix the cause (e.g. the model config), or use a new workdir")
     return None
 
 
 def _set_aside(ckpts: TrainCheckpoints, step: int, why: str) -> None:
     moved = ckpts.set_aside(step, why)
-    log.warning("checkpoint step %d is unusable (%s); moved it to %s and trying the previous one", step, why, moved)
+    log.warning("checkpoint step %d is unusable (%s); moved it to %s and resumed from an earlier one", step, why, moved)
     warnings.warn(f"checkpoint step {step} is unusable: {why}; moved to {moved}", stacklevel=3)
 
 

@@ -1,6 +1,7 @@
 """The training loop: exact resume, non-finite stop with the last good checkpoint intact,
 metrics in JSONL and TensorBoard, evaluation and keep-best."""
 
+import dataclasses
 import functools
 import shutil
 
@@ -176,3 +177,30 @@ def test_metrics_have_one_record_per_step_after_a_crash_between_checkpoints(tmp_
     again = _train(tmp_path, 6)
     assert again.resumed_from == 3
     assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_resuming_with_another_model_size_is_one_clear_error_and_renames_nothing(tmp_path):
+    _train(tmp_path, 3)
+    bigger = CFG.replace(llm=dataclasses.replace(CFG.llm, intermediate_size=CFG.llm.intermediate_size * 2))
+    with pytest.raises(ValueError, match=r"no checkpoint of this run can be resumed from .*cannot restore it") as e:
+        loop.train(bigger, loop.LoopConfig(num_steps=6, allow_resume_changes=True, **LOOP), OPTIM,
+                   checkpoint.CheckpointConfig(every=3, keep=2, keep_best=0), tmp_path,
+                   fakes.FakeIterator(bigger, batch_size=2), console=False)
+    assert "Event loop is closed" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / loop.CHECKPOINT_DIR).iterdir()) == ["3"]  # nothing set aside
+    again = _train(tmp_path, 4)  # the right model still resumes
+    assert again.resumed_from == 3
+
+
+class _OtherTasks(fakes.FakeIterator):
+    """An iterator whose saved state belongs to another data mixture (as grain's would)."""
+
+    def set_state(self, state):
+        raise KeyError("next_index")
+
+
+def test_a_data_state_that_does_not_fit_the_pipeline_is_named_not_a_key_error(tmp_path):
+    _train(tmp_path, 3)
+    with pytest.raises(ValueError, match=r"data-iterator state does not fit this run's data pipeline \(KeyError"):
+        _train(tmp_path, 6, _OtherTasks(CFG, batch_size=2), loop=dict(allow_resume_changes=True))
