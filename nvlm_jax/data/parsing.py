@@ -1,10 +1,11 @@
 """Parse transforms: a source's `(label, payload)` -> `transforms.RawSample` (or `Skipped`).
 
-One per payload kind (`sources.py` picks it per source): `ParseJsonLine` (LLaVA/InternVL JSONL
-lines), `ParseMsgpackRecord` (ArrayRecord msgpack records), `ParseTfdsExample` (TFDS feature
-dicts) and `ParseRecordDict` (canonical dicts, e.g. synthetic tasks); all go through
-`raw_sample_from_dict`. A record that cannot be read is a `Skipped` (malformed_record) naming
-the problem, never an exception.
+One per payload kind (`sources.py` picks it per source): `ParseJsonLine` (JSONL lines),
+`ParseMsgpackRecord` (ArrayRecord records: msgpack or JSON), `ParseTfdsExample` (TFDS feature
+dicts) and `ParseRecordDict` (dicts, e.g. synthetic tasks or a JSON array's records); all go
+through `raw_sample_from_dict`, which reads every record format of `formats.py` (LLaVA,
+ShareGPT, OpenAI/HF chat messages). A record that cannot be read is a `Skipped` naming the
+problem (malformed_record, unsafe_image_path, remote_image, ...), never an exception.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from nvlm_jax.data import formats
 from nvlm_jax.data.transforms import MALFORMED_RECORD, UNSAFE_IMAGE_PATH, ImageRef, RawSample, Skipped
 from nvlm_jax.processing import chat_template
 
@@ -54,6 +56,8 @@ def resolve_image_path(path: str, image_root: str | None, allow_outside_root: bo
 
 def _resolve_image(ref: Any, image_root: str | None, allow_outside_root: bool = False) -> ImageRef:
     if isinstance(ref, str):
+        ref = formats.image_from_url(ref)  # data: -> bytes, file:// -> path, http(s) refused
+    if isinstance(ref, str):
         return resolve_image_path(ref, image_root, allow_outside_root)
     if isinstance(ref, (bytes, Image.Image)):
         return ref
@@ -65,17 +69,23 @@ def _resolve_image(ref: Any, image_root: str | None, allow_outside_root: bool = 
 
 
 def raw_sample_from_dict(source: str, record: str, obj: Any, image_root: str | None = None,
-                         allow_outside_root: bool = False) -> RawSample | Skipped:
-    """Canonical record dict -> `RawSample`, or `Skipped` naming the problem (malformed_record;
-    unsafe_image_path for a path that escapes `image_root`, see `resolve_image_path`).
+                         allow_outside_root: bool = False, record_format: str = "auto") -> RawSample | Skipped:
+    """Record dict -> `RawSample`, or `Skipped` naming the problem (malformed_record;
+    unsafe_image_path for a path that escapes `image_root`, see `resolve_image_path`;
+    remote_image for an http(s) URL).
 
-    The dict holds `"conversations"` (LLaVA turns; `"messages"` is accepted too) and optionally
-    `"image"` (one reference or a list) or `"images"` (a list). A string reference is a path,
-    relative to `image_root` unless absolute.
+    The dict is a record in `record_format` (`formats.RECORD_FORMATS`; "auto": by its keys),
+    brought to the canonical layout by `formats.canonical_record`: `"conversations"` (LLaVA
+    turns) and optionally `"image"` (one reference or a list) or `"images"` (a list). A string
+    reference is a path, relative to `image_root` unless absolute, or a data: / file:// URL.
     """
     if not isinstance(obj, Mapping):
         return Skipped(source, record, MALFORMED_RECORD, f"expected a JSON object, got {type(obj).__name__}")
-    turns = obj.get("conversations", obj.get("messages"))
+    try:
+        obj = formats.canonical_record(obj, record_format)
+    except formats.RecordProblem as e:
+        return Skipped(source, record, e.reason, str(e))
+    turns = obj.get("conversations")
     if turns is None:
         return Skipped(source, record, MALFORMED_RECORD, "no 'conversations' field")
     if not isinstance(turns, Sequence) or isinstance(turns, (str, bytes)):
@@ -91,18 +101,22 @@ def raw_sample_from_dict(source: str, record: str, obj: Any, image_root: str | N
         images = tuple(_resolve_image(r, image_root, allow_outside_root) for r in refs)
     except UnsafeImagePath as e:
         return Skipped(source, record, UNSAFE_IMAGE_PATH, str(e))
+    except formats.RecordProblem as e:
+        return Skipped(source, record, e.reason, str(e))
     except TypeError as e:
         return Skipped(source, record, MALFORMED_RECORD, str(e))
     return RawSample(source, record, tuple(turns), images)
 
 
 class ParseJsonLine(grain.transforms.Map):
-    """`(label, line bytes)` from `sources.JsonlDataSource` -> `RawSample` (LLaVA/InternVL JSONL)."""
+    """`(label, line bytes)` from `sources.JsonlDataSource` -> `RawSample` (JSONL of any record format)."""
 
-    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False):
+    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False,
+                 record_format: str = "auto"):
         self.source = source
         self.image_root = image_root
         self.allow_outside_root = allow_outside_root
+        self.record_format = formats.check_record_format(record_format)
 
     def map(self, element: tuple[str, bytes]) -> RawSample | Skipped:
         label, line = element
@@ -110,46 +124,66 @@ class ParseJsonLine(grain.transforms.Map):
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return Skipped(self.source, label, MALFORMED_RECORD, f"invalid JSON: {e}")
-        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root)
+        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root,
+                                    self.record_format)
 
 
 class ParseMsgpackRecord(grain.transforms.Map):
-    """`(label, record bytes)` from an ArrayRecord file -> `RawSample` (see `sources.encode_record`)."""
+    """`(label, record bytes)` from an ArrayRecord file -> `RawSample`: a msgpack record (see
+    `sources.encode_record`) or, when the payload starts with `{`, a JSON record (a msgpack map
+    never starts with that byte)."""
 
-    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False):
+    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False,
+                 record_format: str = "auto"):
         self.source = source
         self.image_root = image_root
         self.allow_outside_root = allow_outside_root
+        self.record_format = formats.check_record_format(record_format)
 
     def map(self, element: tuple[str, bytes]) -> RawSample | Skipped:
         label, payload = element
-        try:
-            obj = msgpack.unpackb(payload, raw=False)
-        except (ValueError, msgpack.UnpackException, TypeError) as e:
-            return Skipped(self.source, label, MALFORMED_RECORD, f"invalid msgpack record: {e}")
-        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root)
+        if payload.lstrip()[:1] == b"{":
+            try:
+                obj = json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return Skipped(self.source, label, MALFORMED_RECORD, f"invalid JSON record: {e}")
+        else:
+            try:
+                obj = msgpack.unpackb(payload, raw=False)
+            except (ValueError, msgpack.UnpackException, TypeError) as e:
+                return Skipped(self.source, label, MALFORMED_RECORD, f"invalid msgpack record: {e}")
+        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root,
+                                    self.record_format)
 
 
 class ParseRecordDict(grain.transforms.Map):
-    """`(label, canonical dict)` (e.g. from `synthetic.SyntheticDataSource`) -> `RawSample`."""
+    """`(label, record dict)` (e.g. from `synthetic.SyntheticDataSource`, `sources.JsonArrayDataSource`)
+    -> `RawSample`."""
 
-    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False):
+    def __init__(self, source: str, image_root: str | None = None, allow_outside_root: bool = False,
+                 record_format: str = "auto"):
         self.source = source
         self.image_root = image_root
         self.allow_outside_root = allow_outside_root
+        self.record_format = formats.check_record_format(record_format)
 
     def map(self, element: tuple[str, Mapping[str, Any]]) -> RawSample | Skipped:
         label, obj = element
-        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root)
+        return raw_sample_from_dict(self.source, label, obj, self.image_root, self.allow_outside_root,
+                                    self.record_format)
 
 
 class ParseTfdsExample(grain.transforms.Map):
     """`(label, TFDS feature dict)` -> `RawSample`.
 
-    Either `conversations_key` names a feature holding LLaVA turns as JSON text, or
+    Either `conversations_key` names a feature holding the turns as JSON text, or
     `question_key`/`answer_key` name text features (a list of answers uses the first) and the
-    user turn is `question_template.format(question=...)`. `image_key` names an image feature
-    (encoded bytes when read with `SkipDecoding`, a uint8 array, or a list of those) or None.
+    user turn is `question_template.format(question=...)`; with neither `conversations_key` nor
+    a `question_key` feature, a "conversations" or "messages" feature holds the turns. Turns are
+    in `record_format` (`formats.RECORD_FORMATS`; a "messages" feature: chat messages, whose
+    image parts take the images in order). `image_key` names an image feature (encoded bytes
+    when read with `SkipDecoding`, a uint8 array, a path under `image_root`, or a list of those)
+    or None.
     """
 
     def __init__(
@@ -161,8 +195,12 @@ class ParseTfdsExample(grain.transforms.Map):
         answer_key: str = "answer",
         conversations_key: str | None = None,
         question_template: str = "{question}",
+        record_format: str = "auto",
+        image_root: str | None = None,
     ):
         self.source = source
+        self.record_format = formats.check_record_format(record_format)
+        self.image_root = image_root
         self.image_key = image_key
         self.question_key = question_key
         self.answer_key = answer_key
@@ -187,8 +225,15 @@ class ParseTfdsExample(grain.transforms.Map):
         label, features = element
         try:
             images = self._images(features)
-            if self.conversations_key is not None:
-                turns = json.loads(_as_text(features[self.conversations_key]))
+            key = self.conversations_key
+            if key is None and self.question_key not in features:
+                key = next((k for k in ("conversations", "messages") if k in features), None)
+            if key is not None:
+                turns = json.loads(_as_text(features[key]))
+                if key == "messages" or self.record_format == "messages":
+                    record = {"messages": turns, "images": images}
+                    return raw_sample_from_dict(self.source, label, record, self.image_root,
+                                                record_format=self.record_format)
             else:
                 question = _as_text(features[self.question_key])
                 answer = features[self.answer_key]
@@ -200,4 +245,5 @@ class ParseTfdsExample(grain.transforms.Map):
                 turns = [{"from": "human", "value": question}, {"from": "gpt", "value": _as_text(answer)}]
         except (KeyError, IndexError, ValueError, UnicodeDecodeError) as e:
             return Skipped(self.source, label, MALFORMED_RECORD, f"cannot read TFDS features: {e!r}")
-        return raw_sample_from_dict(self.source, label, {"conversations": turns, "images": images})
+        return raw_sample_from_dict(self.source, label, {"conversations": turns, "images": images}, self.image_root,
+                                    record_format="sharegpt" if self.record_format == "auto" else self.record_format)

@@ -5,14 +5,18 @@ one split as a random-access data source (`__len__`, `__getitem__`; what `grain.
 takes) and which parse transform (`parsing.py`) turns its payloads into `transforms.RawSample`.
 The label names the record in skip messages and errors (`/data/coco/train.jsonl:17`).
 
-* `JsonlSource` — LLaVA / InternVL JSONL: one JSON object per line,
-  `{"image": path | [paths], "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`;
-  no "image" key (or null / []) for text-only samples. Relative image paths are resolved
-  against `image_root` (default: the JSONL file's folder). The line offsets are indexed once
-  when the split is opened (a vectorised scan, ~1 s/GB); blank lines are not records.
+* `JsonlSource` — JSONL: one JSON object per line, LLaVA / InternVL style
+  `{"image": path | [paths], "conversations": [{"from": "human"|"gpt", "value": ...}, ...]}`
+  (or ShareGPT, or OpenAI/HF chat messages: `formats.py`); no "image" key (or null / []) for
+  text-only samples. Relative image paths are resolved against `image_root` (default: the
+  JSONL file's folder). The line offsets are indexed once when the split is opened (a
+  vectorised scan, ~1 s/GB); blank lines are not records.
+* `JsonArraySource` — one JSON file holding a list of such records (LLaVA's released
+  `llava_v1_5_mix665k.json` layout); the whole file is read into memory when opened.
 * `ArrayRecordSource` — ArrayRecord files of msgpack records (`encode_record`):
-  `{"conversations": [...], "images": [encoded image bytes, ...]}` (or "image": bytes or a path).
-  msgpack keeps image bytes as bytes (JSON would need base64).
+  `{"conversations": [...], "images": [encoded image bytes, ...]}` (or "image": bytes or a path),
+  or of JSON records as in a JSONL line. msgpack keeps image bytes as bytes (JSON would need
+  base64 `data:` URLs).
 * `TfdsSource` — a prepared TFDS dataset read with `tfds.data_source` (ArrayRecord files; no
   TensorFlow needed). Image features are read undecoded (`SkipDecoding`) and decoded by
   `transforms.LoadImages`, so a corrupt image is a counted skip, not a crash.
@@ -33,7 +37,7 @@ import grain
 import msgpack
 import numpy as np
 
-from nvlm_jax.data import parsing, synthetic
+from nvlm_jax.data import formats, parsing, synthetic
 
 _SCAN_CHUNK = 1 << 26  # bytes per chunk when indexing JSONL line offsets
 
@@ -176,6 +180,7 @@ class JsonlSource:
         others are skipped as unsafe_image_path and never read.
       weight: mixture weight.
       allow_outside_root: accept image paths outside `image_root` (absolute paths, `..`).
+      record_format: the records' format (`formats.RECORD_FORMATS`; "auto": per record, by its keys).
     """
 
     name: str
@@ -183,16 +188,68 @@ class JsonlSource:
     image_root: str | None = None
     weight: float = 1.0
     allow_outside_root: bool = False
+    record_format: str = "auto"
 
     def __post_init__(self):
         _check_common(self.name, self.weight)
+        formats.check_record_format(self.record_format)
 
     def open(self, split: str, *, tile_size: int = 448) -> JsonlDataSource:
         return JsonlDataSource(_split_path(self.name, self.paths, split))
 
     def parser(self, split: str = "train") -> parsing.ParseJsonLine:
         return parsing.ParseJsonLine(self.name, _image_root(self.image_root, self.paths, split),
-                                     self.allow_outside_root)
+                                     self.allow_outside_root, self.record_format)
+
+
+class JsonArrayDataSource:
+    """Random access to the records of a JSON file holding one list: item i is `("path#i", record)`."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"JSON file {path} does not exist")
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                records = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"JSON file {path} cannot be read: {e}") from e
+        if not isinstance(records, list):
+            raise ValueError(f"JSON file {path} holds a {type(records).__name__}, not a list of records")
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> tuple[str, Any]:
+        i = index % len(self)
+        return f"{self.path}#{i}", self._records[i]
+
+    def __repr__(self) -> str:
+        return f"JsonArrayDataSource({self.path!r}, records={len(self)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonArraySource:
+    """A JSON file holding a list of records (any `formats.RECORD_FORMATS`); fields as `JsonlSource`."""
+
+    name: str
+    paths: Mapping[str, str]
+    image_root: str | None = None
+    weight: float = 1.0
+    allow_outside_root: bool = False
+    record_format: str = "auto"
+
+    def __post_init__(self):
+        _check_common(self.name, self.weight)
+        formats.check_record_format(self.record_format)
+
+    def open(self, split: str, *, tile_size: int = 448) -> JsonArrayDataSource:
+        return JsonArrayDataSource(_split_path(self.name, self.paths, split))
+
+    def parser(self, split: str = "train") -> parsing.ParseRecordDict:
+        return parsing.ParseRecordDict(self.name, _image_root(self.image_root, self.paths, split),
+                                       self.allow_outside_root, self.record_format)
 
 
 def _image_root(image_root: str | None, paths: Mapping[str, Any], split: str) -> str | None:
@@ -264,7 +321,7 @@ class ArrayRecordSource:
       paths: split name -> one file or a list of files.
       image_root: folder for records that give image paths instead of bytes (default: the
         folder of the split's first file); paths must stay under it, as in `JsonlSource`.
-      allow_outside_root: as in `JsonlSource`.
+      allow_outside_root, record_format: as in `JsonlSource`.
     """
 
     name: str
@@ -272,16 +329,18 @@ class ArrayRecordSource:
     image_root: str | None = None
     weight: float = 1.0
     allow_outside_root: bool = False
+    record_format: str = "auto"
 
     def __post_init__(self):
         _check_common(self.name, self.weight)
+        formats.check_record_format(self.record_format)
 
     def open(self, split: str, *, tile_size: int = 448) -> ArrayRecordDataSource:
         return ArrayRecordDataSource(_split_path(self.name, self.paths, split))
 
     def parser(self, split: str = "train") -> parsing.ParseMsgpackRecord:
         return parsing.ParseMsgpackRecord(self.name, _image_root(self.image_root, self.paths, split),
-                                          self.allow_outside_root)
+                                          self.allow_outside_root, self.record_format)
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,8 +385,11 @@ class TfdsSource:
       data_dir: the TFDS data folder (None: TFDS's default).
       splits: our split name -> the TFDS split (e.g. `{"train": "train", "eval": "validation"}`).
       image_key: the image feature (bytes, array, or a sequence of them); None for text-only.
-      question_key, answer_key, question_template, conversations_key: see
-        `parsing.ParseTfdsExample`.
+      question_key, answer_key, question_template, conversations_key, record_format: see
+        `parsing.ParseTfdsExample` (without `conversations_key` or a question feature, a
+        "conversations" or "messages" feature holds the turns as JSON text).
+      image_root: the folder image features that are paths must stay under (None: paths are
+        taken as given).
     """
 
     name: str
@@ -340,9 +402,12 @@ class TfdsSource:
     question_template: str = "{question}"
     conversations_key: str | None = None
     weight: float = 1.0
+    record_format: str = "auto"
+    image_root: str | None = None
 
     def __post_init__(self):
         _check_common(self.name, self.weight)
+        formats.check_record_format(self.record_format)
 
     def open(self, split: str, *, tile_size: int = 448) -> TfdsDataSource:
         return TfdsDataSource(self.tfds_name, _split_path(self.name, self.splits, split), self.data_dir, self.image_key)
@@ -355,6 +420,8 @@ class TfdsSource:
             answer_key=self.answer_key,
             conversations_key=self.conversations_key,
             question_template=self.question_template,
+            record_format=self.record_format,
+            image_root=self.image_root,
         )
 
 

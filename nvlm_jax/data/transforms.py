@@ -18,7 +18,8 @@ stage (`mixture.AccountSkips`) counts them per source and reason and drops them.
 Skip reasons (`SKIP_REASONS`): malformed_record, empty_conversation, answer_less_turn,
 bad_conversation, image_placeholder_mismatch, missing_image, corrupt_image, too_many_tiles,
 too_long, unsafe_image_path (an image path that resolves outside the source's image root:
-`..`, an absolute path elsewhere, a symlink out; never read), and record_error: every step runs
+`..`, an absolute path elsewhere, a symlink out; never read), remote_image (an image URL other
+than `data:` or `file://`, e.g. http(s): never fetched), and record_error: every step runs
 inside `Guarded`, so an exception nobody foresaw becomes a counted skip naming the step and the
 exception instead of ending the iterator.
 
@@ -50,6 +51,7 @@ CORRUPT_IMAGE = "corrupt_image"
 TOO_MANY_TILES = "too_many_tiles"
 TOO_LONG = "too_long"
 UNSAFE_IMAGE_PATH = "unsafe_image_path"
+REMOTE_IMAGE = "remote_image"
 RECORD_ERROR = "record_error"
 SKIP_REASONS = (
     MALFORMED_RECORD,
@@ -62,6 +64,7 @@ SKIP_REASONS = (
     TOO_MANY_TILES,
     TOO_LONG,
     UNSAFE_IMAGE_PATH,
+    REMOTE_IMAGE,
     RECORD_ERROR,
 )
 

@@ -6,6 +6,7 @@ unicode edge cases (lone surrogates, NUL, RTL marks, the template's special toke
 types, huge strings, garbage bytes and image references that escape the image root.
 """
 
+import base64
 import io
 import json
 import random
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nvlm_jax import config as config_lib
-from nvlm_jax.data import parsing, sources
+from nvlm_jax.data import formats, parsing, sources
 from nvlm_jax.data import pipeline as pl
 from nvlm_jax.data import transforms as tr
 from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
@@ -48,6 +49,29 @@ image_refs = st.sampled_from(["pic.png", "../outside.png", "/etc/passwd", "sub/.
 turns = st.fixed_dictionaries({"from": st.sampled_from(ROLES), "value": st.one_of(texts, json_values)})
 conversations = st.fixed_dictionaries({"conversations": st.lists(turns, max_size=4), "image": image_refs})
 records = st.one_of(conversations, json_values, st.dictionaries(st.sampled_from(KEYS), json_values, max_size=3))
+
+# OpenAI / HF chat messages: content strings or part lists, image parts with inline refs, URLs
+# (data:, file://, http) and top-level image lists.
+url_refs = st.sampled_from(["https://example.com/a.png", "http://127.0.0.1/x.png", "gs://b/a.png",
+                            "data:image/png;base64," + base64.b64encode(PNG).decode(), "data:image/png;base64,@@",
+                            "data:,not%20an%20image", "data:nocomma", "file:///etc/passwd", "file://host/a.png",
+                            "file://localhost/x.png", "FILE:///x.png", "pic.png", "", None, 5])
+parts = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(texts, json_values)}),
+    st.fixed_dictionaries({"type": st.just("image")}),
+    st.fixed_dictionaries({"type": st.just("image"), "image": st.one_of(image_refs, url_refs)}),
+    st.fixed_dictionaries({"type": st.just("image_url"),
+                           "image_url": st.one_of(url_refs, st.fixed_dictionaries({"url": url_refs}), json_values)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["video", "input_text", None, 3])}),
+    json_values)
+messages = st.fixed_dictionaries(
+    {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES),
+                                                 "content": st.one_of(texts, st.lists(parts, max_size=4),
+                                                                      json_values)}), max_size=4)},
+    optional={"images": st.one_of(image_refs, st.lists(st.one_of(image_refs, url_refs), max_size=3)),
+              "system": texts, "conversations": json_values})
+any_records = st.one_of(records, messages)
+record_formats = st.sampled_from(formats.RECORD_FORMATS)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +124,37 @@ def test_array_record_payloads(setup, record, garbage, as_garbage):
 @given(record=records)
 def test_record_dicts(setup, record):
     _run(setup["steps"], parsing.ParseRecordDict("dicts", setup["root"]), ("dict:1", record))
+
+
+@FUZZ
+@given(record=any_records, record_format=record_formats)
+def test_chat_message_lines(setup, record, record_format):
+    line = json.dumps(record).encode()
+    _run(setup["steps"], parsing.ParseJsonLine("chat", setup["root"], record_format=record_format), ("c.jsonl:1", line))
+
+
+@FUZZ
+@given(record=any_records, record_format=record_formats, garbage=st.binary(max_size=64), as_garbage=st.booleans())
+def test_array_record_json_payloads(setup, record, record_format, garbage, as_garbage):
+    payload = b"{" + garbage if as_garbage else json.dumps(record).encode()
+    parser = parsing.ParseMsgpackRecord("arrayrecord", setup["root"], record_format=record_format)
+    _run(setup["steps"], parser, ("f.ar:1", payload))
+
+
+@FUZZ
+@given(record=any_records, record_format=record_formats)
+def test_json_list_records(setup, record, record_format):
+    parser = parsing.ParseRecordDict("jsonlist", setup["root"], record_format=record_format)
+    _run(setup["steps"], parser, ("f.json#1", record))
+
+
+@FUZZ
+@given(turns=st.one_of(texts, json_values, st.binary(max_size=16), any_records.map(json.dumps)),
+       key=st.sampled_from(["conversations", "messages"]), record_format=record_formats,
+       image=st.sampled_from([PNG, b"not a png", None, [PNG, PNG], "pic.png", "../outside.png"]))
+def test_tfds_conversation_features(setup, turns, key, record_format, image):
+    parser = parsing.ParseTfdsExample("tfds", record_format=record_format, image_root=setup["root"])
+    _run(setup["steps"], parser, ("tfds:2", {"image": image, key: turns}))
 
 
 @FUZZ
