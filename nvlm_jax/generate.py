@@ -23,8 +23,12 @@ the same seed gives the same tokens. A row stops after emitting any stop token (
 kept; later slots hold `pad_id`); the loop ends when every row has stopped or `max_new_tokens`
 were produced.
 
-Shapes are static per (batch, prompt bucket, tile bucket, max_new_tokens, sampling mode), so
-repeated calls reuse the compiled programs.
+Shapes are static per (batch, prompt bucket, tile bucket, max_new_tokens, greedy or sampling);
+temperature, top_k and top_p are runtime values, so repeated calls reuse the compiled programs.
+
+The pieces are shared with the server's continuous-batching engine (`nvlm_jax.serve.engine`):
+`prefill_step`, `decode_step` (each row may write its own cache slot and position),
+`step_images`, `sample_logits` (per-row settings and keys) and `apply_penalties`.
 
 Training-format rows (`nvlm_jax.data.batch`) decode through the same function:
 `nvlm_jax.batch_decode` cuts each row after its last prompt token and answers it, as the
@@ -96,29 +100,105 @@ def sample_logits(
     logits: jax.Array,
     key: jax.Array,
     *,
-    do_sample: bool,
-    top_k: int,
-    use_top_p: bool,
-    temperature: jax.Array | float = 1.0,
-    top_p: jax.Array | float = 1.0,
+    do_sample: bool | jax.Array,
+    top_k: int | jax.Array = 0,
+    temperature: float | jax.Array = 1.0,
+    top_p: float | jax.Array = 1.0,
 ) -> jax.Array:
-    """Next tokens [batch] int32 from logits [batch, vocab] (f32)."""
-    if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    neg = jnp.finfo(logits.dtype).min
-    logits = logits / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if use_top_p:
-        ordered = -jnp.sort(-logits, axis=-1)  # descending
+    """Next tokens [batch] int32 from logits [batch, vocab] (f32).
+
+    do_sample: a Python bool for the whole batch (False: argmax and nothing else is traced) or
+    [batch] bools. temperature, top_k (0 = no limit) and top_p (1 = off): scalars or [batch]
+    arrays, runtime values, so one compiled program serves every setting. key: one PRNG key for
+    the batch, or [batch] keys (each row its own stream, as continuous-batching slots need).
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if do_sample is False:
+        return greedy
+    b, vocab = logits.shape
+    sample = jnp.broadcast_to(jnp.asarray(do_sample, bool), (b,))
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+
+    def draw(_):
+        neg = jnp.finfo(logits.dtype).min
+        scaled = logits / jnp.where(sample, temperature, 1.0)[:, None]
+        ordered = -jnp.sort(-scaled, axis=-1)  # descending
+        k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [b, 1]
+        ordered = jnp.where(ordered < kth, neg, ordered)
         probs = jax.nn.softmax(ordered, axis=-1)
         # Keep a token while the mass before it is below top_p (the first one always).
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
         count = jnp.sum(keep, axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
-        logits = jnp.where(logits < threshold, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        threshold = jnp.maximum(jnp.take_along_axis(ordered, count - 1, axis=-1), kth)
+        filtered = jnp.where(scaled < threshold, neg, scaled)
+        if jnp.ndim(key) == 0:
+            drawn = jax.random.categorical(key, filtered, axis=-1)
+        else:
+            drawn = jax.vmap(lambda k_, row: jax.random.categorical(k_, row))(key, filtered)
+        return jnp.where(sample, drawn.astype(jnp.int32), greedy)
+
+    if do_sample is True:
+        return draw(None)
+    # Rows choose at run time; an all-greedy batch skips the vocabulary sort.
+    return jax.lax.cond(jnp.any(sample), draw, lambda _: greedy, None)
+
+
+def apply_penalties(
+    logits: jax.Array,
+    counts: jax.Array,
+    seen: jax.Array,
+    repetition: jax.Array,
+    frequency: jax.Array,
+    presence: jax.Array,
+) -> jax.Array:
+    """Penalised logits [batch, vocab]: the repetition penalty (HF/vLLM: a token of the prompt or
+    the output has a positive logit divided by it, a negative one multiplied) and OpenAI's
+    frequency / presence penalties (minus `frequency · count` and `presence` once, over the
+    output's token counts). counts: [batch, vocab] int output counts; seen: [batch, vocab] bool,
+    the prompt's tokens; repetition/frequency/presence: [batch]. Neutral values (1, 0, 0) leave
+    the logits bit-identical."""
+    r = repetition[:, None]
+    penalised = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(seen | (counts > 0), penalised, logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def prefill_step(model: NVLM, variables, ids, positions, segment_ids, last, images: dict, cache):
+    """Runs prompts `ids [b, P]` through the decoder into `cache` from slot 0.
+
+    last: [b] the index of each row's last prompt token (P - 1 when left-padded). images: the
+    model's image keyword arguments. Returns (the logits there [b, vocab] f32, the cache); the
+    logits of other positions are never computed.
+    """
+    _, cache, hidden = model.apply(
+        variables, ids, **images, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=0,
+        return_hidden=True,
+    )
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [b, 1, E]
+    return model.apply(variables, hidden, method=lambda m, h: m.llm.logits(h))[:, 0], cache
+
+
+def decode_step(model: NVLM, variables, tokens, positions, cache, cache_index, images: dict):
+    """One token per row: tokens and positions [b]; the keys/values go to cache slot `cache_index`
+    (an int for every row, or [b]: each row its own). Returns (logits [b, vocab] f32, cache)."""
+    logits, cache = model.apply(
+        variables, tokens[:, None], **images, positions=positions[:, None],
+        segment_ids=jnp.ones_like(tokens)[:, None], cache=cache, cache_index=cache_index,
+    )
+    return logits[:, 0], cache
+
+
+def step_images(cfg: NVLMConfig, image_context: ImageContext | None, new_image) -> dict:
+    """The decode steps' image arguments: NVLM-X/H reuse the image memory's keys/values and
+    new tokens belong to the row's latest image (`new_image [b]`) and no tile; D needs none."""
+    if cfg.arch not in ("X", "H"):
+        return {}
+    b = new_image.shape[0]
+    return dict(image_context=image_context.memory_only(), token_image=new_image[:, None],
+                token_tile=jnp.full((b, 1), -1, jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,10 +409,7 @@ def prepare_row_tiles(
     return out
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "do_sample", "top_k", "use_top_p", "return_logits"),
-)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "do_sample", "return_logits"))
 def _generate(
     params,
     ids,
@@ -347,6 +424,7 @@ def _generate(
     new_image,
     key,
     temperature,
+    top_k,
     top_p,
     stop_ids,
     suppress_ids,
@@ -355,40 +433,29 @@ def _generate(
     cfg: NVLMConfig,
     max_new_tokens: int,
     do_sample: bool,
-    top_k: int,
-    use_top_p: bool,
     return_logits: bool,
 ):
     model = NVLM(cfg)
     variables = {"params": params}
     b, p = ids.shape
     cache = init_cache(cfg.llm, b, p + max_new_tokens, jnp.dtype(cfg.dtype))
-    cross = cfg.arch in ("X", "H")
     if image_context is not None:  # per-row tiles (X/H, or D given them)
         images = dict(image_context=image_context, token_image=token_image, token_tile=token_tile)
     else:
         images = dict(image_features=image_features, tile_valid=tile_valid)
-    _, cache, hidden = model.apply(
-        variables, ids, **images, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=0,
-        return_hidden=True,
-    )
+    logits0, cache = prefill_step(model, variables, ids, positions, segment_ids, jnp.full((b,), p - 1), images,
+                                  cache)
     # Decode steps reuse the image memory's keys/values; new tokens hold no image context tokens.
-    step_images = {}
-    if cross:
-        step_images = dict(image_context=image_context.memory_only(), token_image=new_image[:, None],
-                           token_tile=jnp.full((b, 1), -1, jnp.int32))
-    # Only the last position's logits are needed (the full-prompt ones are never computed).
-    logits0 = model.apply(variables, hidden[:, -1:], method=lambda m, h: m.llm.logits(h))[:, 0]
+    images = step_images(cfg, image_context, new_image)
     logits0 = logits0.at[:, suppress_ids].set(-jnp.inf)
-    sample = functools.partial(sample_logits, do_sample=do_sample, top_k=top_k, use_top_p=use_top_p,
-                               temperature=temperature, top_p=top_p)
+    sample = functools.partial(sample_logits, do_sample=do_sample, top_k=top_k, temperature=temperature,
+                               top_p=top_p)
     tok = sample(logits0, jax.random.fold_in(key, 0))
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, stop_ids)
     all_logits = jnp.zeros((b, max_new_tokens, logits0.shape[-1]), jnp.float32) if return_logits else None
     if return_logits:
         all_logits = all_logits.at[:, 0].set(logits0)
-    ones = jnp.ones((b, 1), jnp.int32)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -396,12 +463,9 @@ def _generate(
 
     def body(state):
         step, cache, tok, done, out, all_logits = state
-        pos = (lengths + step - 1)[:, None]  # the previous token's position
-        logits, cache = model.apply(
-            variables, tok[:, None], **step_images, positions=pos, segment_ids=ones, cache=cache,
-            cache_index=p + step - 1,
-        )
-        logits = logits[:, 0].at[:, suppress_ids].set(-jnp.inf)
+        pos = lengths + step - 1  # the previous token's position
+        logits, cache = decode_step(model, variables, tok, pos, cache, p + step - 1, images)
+        logits = logits.at[:, suppress_ids].set(-jnp.inf)
         new = sample(logits, jax.random.fold_in(key, step))
         new = jnp.where(done, pad_id, new)
         out = out.at[:, step].set(new)
@@ -514,10 +578,10 @@ def generate(
             _generate, params, batch.ids, batch.positions, batch.segment_ids, batch.lengths, features, valid,
             context, rows.token_image if row_tiles else None, rows.token_tile if row_tiles else None,
             rows.new_image if row_tiles else None,
-            jax.random.key(seed), np.float32(sampling.temperature), np.float32(sampling.top_p),
-            np.asarray(list(stop_token_ids), np.int32), np.asarray(list(suppress_token_ids), np.int32),
-            np.int32(pad_token_id), cfg=cfg, max_new_tokens=max_new_tokens, do_sample=sampling.do_sample,
-            top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0, return_logits=return_logits,
+            jax.random.key(seed), np.float32(sampling.temperature), np.int32(sampling.top_k),
+            np.float32(sampling.top_p), np.asarray(list(stop_token_ids), np.int32),
+            np.asarray(list(suppress_token_ids), np.int32), np.int32(pad_token_id), cfg=cfg,
+            max_new_tokens=max_new_tokens, do_sample=sampling.do_sample, return_logits=return_logits,
         )
         steps = int(_fetch(steps))
         tokens = _fetch(tokens)[:, :steps]

@@ -138,13 +138,13 @@ def test_d_per_row_tiles_equal_tiles_in_order(model):
 def test_sample_logits_filters():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 64, np.float32))
     keys = jax.random.key(0)
-    nucleus = sample_logits(logits, keys, do_sample=True, top_k=0, use_top_p=True, top_p=0.5)
+    nucleus = sample_logits(logits, keys, do_sample=True, top_k=0, top_p=0.5)
     assert set(np.asarray(nucleus).tolist()) == {0}
-    nucleus = sample_logits(logits, keys, do_sample=True, top_k=0, use_top_p=True, top_p=0.75)
+    nucleus = sample_logits(logits, keys, do_sample=True, top_k=0, top_p=0.75)
     assert set(np.asarray(nucleus).tolist()) == {0, 1}
-    topk = sample_logits(logits, keys, do_sample=True, top_k=3, use_top_p=False)
+    topk = sample_logits(logits, keys, do_sample=True, top_k=3)
     assert set(np.asarray(topk).tolist()) == {0, 1, 2}
-    greedy = sample_logits(logits, keys, do_sample=False, top_k=0, use_top_p=False)
+    greedy = sample_logits(logits, keys, do_sample=False)
     assert set(np.asarray(greedy).tolist()) == {0}
 
 

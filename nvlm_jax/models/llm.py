@@ -51,6 +51,15 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> 
     }
 
 
+def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.Array:
+    """`buffer [batch, len, ...]` with `new [batch, s, ...]` written from sequence index `index`:
+    one int for every row, or `[batch]` ints, each row its own (continuous-batching slots)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0, index) + (0,) * (buffer.ndim - 2))
+    row = lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (i,) + (0,) * (b.ndim - 1))  # noqa: E731
+    return jax.vmap(row)(buffer, new, index)
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm decoder layer; the scan carry is the residual stream `[batch, seq, embed]`."""
 
@@ -72,9 +81,8 @@ class DecoderLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if layer_cache is not None:
-            at = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
-            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
+            k_all = write_at(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index)
+            v_all = write_at(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         o = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.attention_impl)
@@ -172,7 +180,7 @@ class LLM(nn.Module):
         input_ids: [batch, seq] (or `inputs_embeds` [batch, seq, embed]); positions: [batch, seq]
         (default arange, or continuing after `cache_index` with a cache); segment_ids: [batch, seq]
         (0 = padding; default all 1). With `cache`, the new keys/values are written at
-        `cache_index` and attention covers the whole cache.
+        `cache_index` (an int, or [batch] ints: each row its own) and attention covers the whole cache.
 
         Returns (logits [batch, seq, vocab] f32, new cache or None), and the final-normed hidden
         state as a third element when `return_hidden`.
@@ -180,7 +188,8 @@ class LLM(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, s = x.shape[:2]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + cache_index, (b, s))
+            start = jnp.reshape(cache_index, (-1, 1))  # [1, 1] or [batch, 1]
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + start, (b, s))
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
         layer_cache = None
@@ -188,8 +197,8 @@ class LLM(nn.Module):
             mask = MaskSpec(causal=True, causal_by_index=True, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions)
         else:
-            kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
-            kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, cache_index))
+            kv_seg = write_at(cache["segment_ids"], segment_ids.astype(jnp.int32), cache_index)
+            kv_pos = write_at(cache["positions"], positions.astype(jnp.int32), cache_index)
             mask = MaskSpec(causal=True, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                             q_positions=positions, kv_positions=kv_pos)
             layer_cache = {"k": cache["k"], "v": cache["v"]}

@@ -92,12 +92,19 @@ class NVLM(nn.Module):
         tile_valid: jax.Array,
         tile_image: jax.Array | None = None,
         token_tile: jax.Array | None = None,
+        *,
+        features: jax.Array | None = None,
     ) -> ImageContext:
-        """The ImageContext of per-row tiles `pixel_values [b, T, H, W, 3]` for a prompt."""
+        """The ImageContext of per-row tiles `pixel_values [b, T, H, W, 3]` for a prompt, or of
+        their already projected tokens `features [b, T, n, E]` (then pixel_values is ignored)."""
         c = self.cfg
-        b, t = pixel_values.shape[:2]
-        feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
-        feats = feats.reshape(b, t, *feats.shape[1:])  # [b, T, n, E]
+        if features is None:
+            b, t = pixel_values.shape[:2]
+            feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
+            feats = feats.reshape(b, t, *feats.shape[1:])  # [b, T, n, E]
+        else:
+            feats = features
+            b, t = feats.shape[:2]
         if c.arch == "D":
             return ImageContext(decoder_features=feats, decoder_valid=tile_valid)
         if tile_image is None or token_tile is None:

@@ -1,0 +1,586 @@
+"""Continuous batching over the one KV-cache decoder (`nvlm_jax.generate`'s pieces).
+
+The engine owns `max_batch` decode slots and one KV cache `[layers, max_batch, max_len, ...]`.
+A request joins at any step: its prompt is prefilled alone (`prefill_step`, prompt padded on the
+right to a power-of-two bucket of at least 64, so a few programs serve every length) into a
+small cache that is copied into a free slot's row, and its first token is sampled there. Every
+step then runs `decode_step` for all slots at once: each slot feeds its last token at its own
+position, which is also the cache column it writes (prompts start at column 0), so a slot's
+`prompt + max_tokens` must fit `max_len`. Slots that are free compute garbage that nobody reads;
+a slot's next occupant overwrites its row (stale columns beyond the new prompt are masked out by
+segment id 0). A request leaves at a stop token, a stop string, its token budget, or when it is
+cancelled (a client that went away), freeing its slot for the next waiting request.
+
+Nothing recompiles between requests: the decode program has one shape; sampling settings
+(temperature, top-k, top-p, seed, repetition/frequency/presence penalties) are per-slot runtime
+arrays (`sample_logits`, `apply_penalties`); prefill programs exist per (prompt bucket, tile
+bucket). Images are encoded once per distinct picture (`ImageFeatureCache`, keyed by content
+hash) and the prefill builds the prompt's image context from the cached projected tokens; for
+NVLM-X/H the cross-attention memory of each slot (a fixed number of tile slots,
+`max_images · (max_tiles + 1)` rounded up to a power of two) stays on the device for its decode
+steps.
+
+Requests are served by a background thread (`start`); results arrive as events on the
+request's `Handle` (`Delta` text pieces, then one `Finished` or `Failed`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import struct
+
+from nvlm_jax.config import NVLMConfig
+from nvlm_jax.generate import (
+    apply_penalties,
+    decode_step,
+    mesh_context,
+    prefill_step,
+    sample_logits,
+    step_images,
+    tile_bucket,
+)
+from nvlm_jax.models.llm import init_cache
+from nvlm_jax.models.nvlm import NVLM, ImageContext, check_image_token_count, thumbnail_slots
+from nvlm_jax.serve.image_cache import ImageFeatureCache
+
+MIN_PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSampling:
+    """How one request chooses its tokens (OpenAI / vLLM semantics).
+
+    temperature: 0 = greedy; top_k: 0 = no limit; top_p: 1 = off; seed: None = a fresh random
+    one; repetition_penalty: 1 = off (> 1 discourages tokens of the prompt and output);
+    frequency_penalty / presence_penalty: 0 = off, in [-2, 2].
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self):
+        checks = [
+            (0 <= self.temperature <= 100, "temperature must be in [0, 100]"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = no limit)"),
+            (self.seed is None or 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (0 < self.repetition_penalty <= 10, "repetition_penalty must be in (0, 10]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """One image of a prompt: its content key (`image_cache.content_key`) and its tiles
+    `[tiles, H, W, 3]` f32 (may be None when the key is known to be cached)."""
+
+    key: str
+    pixels: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EngineRequest:
+    """One prompt to answer.
+
+    input_ids: `[n]` int32 (image context tokens in place); images: in prompt order;
+    token_image / token_tile `[n]` and tile_image `[tiles]`: NVLM-X/H ids
+    (`processing.prompt.cross_attention_ids`), None for D; max_tokens: the answer's budget;
+    stop: strings that end the answer (not included); stop_token_ids: tokens that end it.
+    """
+
+    input_ids: np.ndarray
+    images: tuple[ImageInput, ...] = ()
+    token_image: np.ndarray | None = None
+    token_tile: np.ndarray | None = None
+    tile_image: np.ndarray | None = None
+    max_tokens: int = 16
+    sampling: RequestSampling = RequestSampling()
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New answer text (possibly empty at the start of a stream)."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The end of an answer: reason "stop" (stop token or string), "length" or "cancelled";
+    text and token_ids: the whole answer (stop token excluded; token_ids uncut by stop strings)."""
+
+    reason: str
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A request the engine could not answer: status 400 (the request) or 500 (the engine)."""
+
+    message: str
+    status: int = 400
+
+
+Event = Delta | Finished | Failed
+
+
+class Handle:
+    """A submitted request: iterate it for its events (blocking), or pass `on_event` to
+    `Engine.submit` to receive them on the engine's thread; `cancel()` frees its slot."""
+
+    def __init__(self, request: EngineRequest, on_event: Callable[[Event], None] | None):
+        self.request = request
+        self.cancelled = False
+        self._queue: queue.Queue[Event] = queue.Queue()
+        self._on_event = on_event or self._queue.put
+        self._engine: Engine | None = None
+
+    def emit(self, event: Event) -> None:
+        self._on_event(event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._engine is not None:
+            self._engine.wake()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._queue.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+
+@struct.dataclass
+class RowSampling:
+    """Per-slot sampling settings, all `[slots]` arrays (runtime values of one program)."""
+
+    do_sample: Any
+    temperature: Any
+    top_k: Any
+    top_p: Any
+    repetition: Any
+    frequency: Any
+    presence: Any
+    seed: Any
+    step: Any
+
+
+def _choose(logits, counts, seen, rows: RowSampling):
+    logits = apply_penalties(logits, counts, seen, rows.repetition, rows.frequency, rows.presence)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(rows.seed, rows.step)
+    return sample_logits(logits, keys, do_sample=rows.do_sample, top_k=rows.top_k, temperature=rows.temperature,
+                         top_p=rows.top_p)
+
+
+def _put(buffer, row, slot, axis: int):
+    """`buffer` with `row` (size 1 on `axis`) written at index `slot` of that axis."""
+    start = [0] * buffer.ndim
+    start[axis] = slot
+    return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), start)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
+def _prefill(params, state, slot, ids, length, features, tile_valid, tile_image, token_image, token_tile,
+             rows: RowSampling, *, cfg: NVLMConfig):
+    """Prefills one prompt `ids [1, P]` (right-padded, `length` real tokens) into slot `slot`
+    and samples its first token. Returns (token [1], state)."""
+    model, variables = NVLM(cfg), {"params": params}
+    p = ids.shape[1]
+    real = jnp.arange(p)[None] < length
+    positions, segments = jnp.broadcast_to(jnp.arange(p), (1, p)), real.astype(jnp.int32)
+    images, context = {}, None
+    if features is not None:
+        context = model.apply(variables, ids, None, tile_valid, tile_image, token_tile, features=features,
+                              method=NVLM.encode)
+        images = dict(image_context=context)
+        if cfg.arch in ("X", "H"):
+            images.update(token_image=token_image, token_tile=token_tile)
+    cache = init_cache(cfg.llm, 1, p, jnp.dtype(cfg.dtype))
+    logits, cache = prefill_step(model, variables, ids, positions, segments, jnp.reshape(length - 1, (1,)), images,
+                                 cache)
+    vocab = logits.shape[-1]
+    seen = jnp.zeros((1, vocab), jnp.int32).at[0, ids[0]].add(real[0].astype(jnp.int32)) > 0
+    counts = jnp.zeros((1, vocab), jnp.int32)
+    token = _choose(logits, counts, seen, rows)
+    counts = counts.at[0, token[0]].add(1)
+    width = state["cache"]["segment_ids"].shape[1]
+    new = dict(state)
+    new["cache"] = dict(
+        k=_put(state["cache"]["k"], cache["k"], slot, 1),
+        v=_put(state["cache"]["v"], cache["v"], slot, 1),
+        segment_ids=_put(state["cache"]["segment_ids"], jnp.pad(cache["segment_ids"], ((0, 0), (0, width - p))),
+                         slot, 0),
+        positions=_put(state["cache"]["positions"], jnp.pad(cache["positions"], ((0, 0), (0, width - p))), slot, 0),
+    )
+    new["counts"], new["seen"] = _put(state["counts"], counts, slot, 0), _put(state["seen"], seen, slot, 0)
+    if cfg.arch in ("X", "H"):
+        for name in ("memory_k", "memory_v"):
+            new[name] = _put(state[name], getattr(context, name), slot, 1)
+        for name in ("memory_image", "memory_tile"):
+            new[name] = _put(state[name], getattr(context, name), slot, 0)
+        new["new_image"] = state["new_image"].at[slot].set(jnp.max(token_image))
+    return token, new
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
+def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg: NVLMConfig):
+    """One step of every slot: tokens / positions / active `[slots]`. Returns (tokens, state)."""
+    model, variables = NVLM(cfg), {"params": params}
+    context = None
+    if cfg.arch in ("X", "H"):
+        context = ImageContext(memory_k=state["memory_k"], memory_v=state["memory_v"],
+                               memory_image=state["memory_image"], memory_tile=state["memory_tile"])
+    images = step_images(cfg, context, state.get("new_image"))
+    logits, cache = decode_step(model, variables, tokens, positions, state["cache"], positions, images)
+    new = _choose(logits, state["counts"], state["seen"], rows)
+    counts = state["counts"].at[jnp.arange(tokens.shape[0]), new].add(active.astype(jnp.int32))
+    return new, dict(state, cache=cache, counts=counts)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _encode_images(params, pixels, *, cfg: NVLMConfig):
+    return NVLM(cfg).apply({"params": params}, pixels, method=NVLM.encode_images)
+
+
+@dataclasses.dataclass
+class _Slot:
+    handle: Handle
+    position: int  # where the last token is fed (= its cache column)
+    last: int
+    sampling: RequestSampling
+    seed: int
+    generated: list[int] = dataclasses.field(default_factory=list)
+    sent: int = 0  # characters of answer text already emitted
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Continuous batching for one loaded model (`NVLMModel`).
+
+    Args:
+      model: the model (its params, config, tokenizer, prompt format and mesh are used).
+      max_batch: decode slots.
+      max_len: cache columns per slot = the longest prompt + answer (default and limit: the
+        model's `max_position_embeddings`).
+      image_cache_size: images whose projected tokens are kept (0 = none).
+      max_images: NVLM-X/H: images per prompt the per-slot cross-attention memory holds.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, image_cache_size: int = 64,
+                 max_images: int = 4):
+        cfg = model.config
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        limit = cfg.llm.max_position_embeddings
+        if max_len is not None and not 1 < max_len <= limit:
+            raise ValueError(f"max_len must be in [2, {limit}] (the model's max_position_embeddings), got {max_len}")
+        self.model, self.cfg = model, cfg
+        self.max_batch, self.max_len, self.max_images = max_batch, max_len or limit, max_images
+        fmt = model.prompt_format
+        self.memory_tiles = tile_bucket(max_images * (fmt.max_tiles + int(fmt.use_thumbnail)))
+        self.images = ImageFeatureCache(image_cache_size)
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._rng = np.random.default_rng()
+        self.counters = collections.Counter()
+        with mesh_context(model.mesh, model.rules):
+            self._state = self._initial_state()
+
+    # ---- public ----
+
+    def check(self, request: EngineRequest) -> None:
+        """Raises ValueError naming what does not fit (length, images, ids)."""
+        n = int(np.asarray(request.input_ids).size)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if n + request.max_tokens > self.max_len:
+            raise ValueError(f"the prompt ({n} tokens) + max_tokens ({request.max_tokens}) exceeds the context "
+                             f"({self.max_len} tokens)")
+        if self.cfg.arch in ("X", "H"):
+            if len(request.images) > self.max_images:
+                raise ValueError(f"{len(request.images)} images exceed this server's {self.max_images} per prompt")
+            if request.token_image is None or request.token_tile is None or request.tile_image is None:
+                raise ValueError(f"NVLM-{self.cfg.arch} requests need token_image, token_tile and tile_image")
+
+    def submit(self, request: EngineRequest, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queues a request (checked first: ValueError) and returns its handle."""
+        self.check(request)
+        handle = Handle(request, on_event)
+        handle._engine = self
+        with self._cond:
+            self._waiting.append(handle)
+            self.counters["requests"] += 1
+            self._cond.notify()
+        return handle
+
+    def start(self) -> Engine:
+        """Serves requests on a background (daemon) thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nvlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the serving thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def metrics(self) -> dict[str, int]:
+        """Counters and gauges for `/metrics` (slots, queue, tokens, image cache)."""
+        stats = self.images.stats()
+        with self._cond:
+            running = sum(s is not None for s in self._slots)
+            waiting = len(self._waiting)
+        return dict(self.counters, running=running, waiting=waiting, slots=self.max_batch,
+                    image_cache_hits=stats.hits, image_cache_misses=stats.misses,
+                    image_cache_evictions=stats.evictions, image_cache_size=stats.size)
+
+    # ---- device state ----
+
+    def _initial_state(self) -> dict:
+        cfg, b = self.cfg, self.max_batch
+        vocab = cfg.llm.vocab_size
+        state = dict(cache=init_cache(cfg.llm, b, self.max_len, jnp.dtype(cfg.dtype)),
+                     counts=jnp.zeros((b, vocab), jnp.int32), seen=jnp.zeros((b, vocab), bool))
+        if cfg.arch in ("X", "H"):
+            t = self.memory_tiles
+            shapes = jax.eval_shape(
+                lambda p: NVLM(cfg).apply({"params": p}, jnp.zeros((1, 1), jnp.int32), None, jnp.zeros((1, t), bool),
+                                          jnp.zeros((1, t), jnp.int32), jnp.full((1, 1), -1, jnp.int32),
+                                          features=self._no_features(t), method=NVLM.encode),
+                self.model.params)
+            for name in ("memory_k", "memory_v"):
+                shape = list(getattr(shapes, name).shape)
+                shape[1] = b
+                state[name] = jnp.zeros(shape, getattr(shapes, name).dtype)
+            for name in ("memory_image", "memory_tile"):
+                state[name] = jnp.full((b, getattr(shapes, name).shape[1]), -1, jnp.int32)
+            state["new_image"] = jnp.full((b,), -1, jnp.int32)
+        return state
+
+    def _no_features(self, tiles: int):
+        c = self.cfg
+        return jnp.zeros((1, tiles, c.num_image_tokens, c.llm.hidden_size), jnp.dtype(c.dtype))
+
+    def _features(self, request: EngineRequest):
+        """(features [1, T, n, E], tile_valid [1, T], tile_image [1, T]) of the prompt's tiles,
+        each image's projected tokens taken from the cache or computed once; None for a D
+        prompt without images."""
+        cross = self.cfg.arch in ("X", "H")
+        per_image, counts = [], []
+        for image in request.images:
+            feats = self.images.get(image.key)
+            if feats is None:
+                if image.pixels is None:
+                    raise ValueError(f"image {image.key[:12]} is no longer cached and came without pixels")
+                pixels = np.asarray(image.pixels, np.float32)
+                n = pixels.shape[0]
+                padded = np.zeros((tile_bucket(n),) + pixels.shape[1:], np.float32)
+                padded[:n] = pixels
+                feats = _encode_images(self.model.params, padded, cfg=self.cfg)[:n]
+                self.images.put(image.key, feats)
+                self.counters["images_encoded"] += 1
+            per_image.append(feats)
+            counts.append(int(feats.shape[0]))
+        total = sum(counts)
+        if not cross and total == 0:
+            return None
+        t = self.memory_tiles if cross else tile_bucket(total)
+        if total > t:
+            raise ValueError(f"the prompt's images have {total} tiles; at most {t} fit")
+        features = self._no_features(t)
+        if total:
+            features = features.at[0, :total].set(jnp.concatenate(per_image).astype(features.dtype))
+        valid = np.arange(t)[None] < total
+        tile_image = np.full((1, t), -1, np.int32)
+        tile_image[0, :total] = np.repeat(np.arange(len(counts)), counts)
+        return features, valid, tile_image
+
+    def _admit(self, handle: Handle, slot: int) -> None:
+        request, cfg = handle.request, self.cfg
+        ids = np.asarray(request.input_ids, np.int32)
+        n = ids.size
+        p = min(max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length()), self.max_len)
+        images = self._features(request)
+        if images is not None:
+            valid, tile_image = images[1], images[2]
+            in_decoder = int(valid.sum()) if cfg.arch == "D" else 0
+            if cfg.arch == "H":
+                in_decoder = int(np.asarray(thumbnail_slots(jnp.asarray(valid), jnp.asarray(tile_image))).sum())
+            check_image_token_count(cfg, ids, in_decoder)
+        elif cfg.arch == "D":
+            check_image_token_count(cfg, ids, 0)
+        row_ids = np.zeros((1, p), np.int32)
+        row_ids[0, :n] = ids
+        token_image = token_tile = None
+        if cfg.arch in ("X", "H"):
+            token_image, token_tile = np.full((1, p), -1, np.int32), np.full((1, p), -1, np.int32)
+            token_image[0, :n], token_tile[0, :n] = request.token_image, request.token_tile
+        s = request.sampling
+        seed = int(self._rng.integers(2**32)) if s.seed is None else s.seed
+        entry = _Slot(handle, position=n, last=-1, sampling=s, seed=seed)
+        rows = self._rows([entry], steps=[0])
+        features, valid, tile_image = images if images is not None else (None, None, None)
+        with mesh_context(self.model.mesh, self.model.rules):
+            token, self._state = _prefill(self.model.params, self._state, np.int32(slot), row_ids, np.int32(n),
+                                          features, valid, tile_image, token_image, token_tile, rows, cfg=cfg)
+        self.counters["prompt_tokens"] += n
+        self._slots[slot] = entry
+        entry.position = n - 1  # `_accept` moves it to the first answer token's column
+        self._accept(slot, int(np.asarray(token)[0]))
+
+    def _rows(self, slots: Sequence[_Slot | None], steps: Sequence[int] | None = None) -> RowSampling:
+        def col(fn, dtype):
+            return np.asarray([fn(s) if s is not None else fn(None) for s in slots], dtype)
+
+        def get(name, default):
+            return lambda s: default if s is None else getattr(s.sampling, name)
+
+        if steps is None:
+            steps = [0 if s is None else len(s.generated) for s in slots]
+        return RowSampling(
+            do_sample=col(lambda s: s is not None and s.sampling.temperature > 0, bool),
+            temperature=col(lambda s: 1.0 if s is None or s.sampling.temperature == 0 else s.sampling.temperature,
+                            np.float32),
+            top_k=col(get("top_k", 0), np.int32), top_p=col(get("top_p", 1.0), np.float32),
+            repetition=col(get("repetition_penalty", 1.0), np.float32),
+            frequency=col(get("frequency_penalty", 0.0), np.float32),
+            presence=col(get("presence_penalty", 0.0), np.float32),
+            seed=col(lambda s: 0 if s is None else s.seed, np.uint32), step=np.asarray(steps, np.int32),
+        )
+
+    # ---- host side of a step ----
+
+    def _accept(self, slot: int, token: int) -> None:
+        """Takes slot `slot`'s new token: stop checks, text, events; frees the slot when done."""
+        entry = self._slots[slot]
+        request = entry.handle.request
+        tokenizer = self.model.tokenizer
+        reason = None
+        if token in request.stop_token_ids:
+            reason = "stop"
+        else:
+            entry.generated.append(token)
+            entry.last, entry.position = token, entry.position + 1
+            self.counters["generated_tokens"] += 1
+        text = tokenizer.decode(entry.generated, skip_special_tokens=True)
+        if request.stop:
+            hits = [i for i in (text.find(s, max(0, entry.sent - len(s))) for s in request.stop) if i >= 0]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+        if reason is None and len(entry.generated) >= request.max_tokens:
+            reason = "length"
+        if reason is None:
+            # Hold back what may be the start of a stop string or an unfinished character.
+            hold = max((len(s) - 1 for s in request.stop), default=0)
+            safe = len(text) - hold
+            while safe > entry.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > entry.sent:
+                entry.handle.emit(Delta(text[entry.sent : safe]))
+                entry.sent = safe
+            return
+        if len(text) > entry.sent:
+            entry.handle.emit(Delta(text[entry.sent :]))
+        self._finish(slot, Finished(reason, text, tuple(entry.generated), int(np.asarray(request.input_ids).size)))
+
+    def _finish(self, slot: int, event: Event) -> None:
+        entry = self._slots[slot]
+        self._slots[slot] = None
+        self.counters[f"finished_{event.reason}" if isinstance(event, Finished) else "failed"] += 1
+        entry.handle.emit(event)
+
+    def _step(self) -> None:
+        active = [s is not None for s in self._slots]
+        tokens = np.asarray([s.last if s is not None else 0 for s in self._slots], np.int32)
+        positions = np.asarray([s.position if s is not None else 0 for s in self._slots], np.int32)
+        rows = self._rows(self._slots)
+        with mesh_context(self.model.mesh, self.model.rules):
+            new, self._state = _decode(self.model.params, self._state, tokens, positions, np.asarray(active), rows,
+                                       cfg=self.cfg)
+        new = np.asarray(new)
+        self.counters["decode_steps"] += 1
+        for i, is_active in enumerate(active):
+            if is_active:
+                self._accept(i, int(new[i]))
+
+    def _drop_cancelled(self) -> None:
+        for i, entry in enumerate(self._slots):
+            if entry is not None and entry.handle.cancelled:
+                self._finish(i, Finished("cancelled", "", tuple(entry.generated),
+                                         int(np.asarray(entry.handle.request.input_ids).size)))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and all(s is None for s in self._slots):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                admit = []
+                free = [i for i, s in enumerate(self._slots) if s is None]
+                while self._waiting and len(admit) < len(free):
+                    handle = self._waiting.popleft()
+                    if not handle.cancelled:
+                        admit.append((handle, free[len(admit)]))
+            try:
+                self._drop_cancelled()
+                for handle, slot in admit:
+                    try:
+                        self._admit(handle, slot)
+                    except ValueError as e:  # a request the model cannot take: only it fails
+                        self._slots[slot] = None
+                        self.counters["failed"] += 1
+                        handle.emit(Failed(str(e)))
+                if any(s is not None for s in self._slots):
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - the engine must outlive one broken step
+                logging.exception("engine step failed")
+                for i, entry in enumerate(self._slots):
+                    if entry is not None:
+                        self._finish(i, Failed(f"internal error: {type(e).__name__}: {e}", 500))
+                with mesh_context(self.model.mesh, self.model.rules):
+                    self._state = self._initial_state()
