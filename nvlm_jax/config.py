@@ -159,6 +159,47 @@ class ProjectorConfig:
             raise ValueError(f"projector num_layers must be 1 or 2, got {self.num_layers!r}")
 
 
+LORA_TARGETS = ("llm", "llm_attention", "llm_mlp", "vision", "projector")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA): `W x + (alpha / rank) * B(A(dropout(x)))`, B initialised to zero.
+
+    rank: 0 = no adapters. targets: which projections get adapters: "llm" (the decoder layers'
+    attention q/k/v/o and MLP gate/up/down), "llm_attention" / "llm_mlp" (one of the two),
+    "vision" (the ViT's qkv/proj/fc1/fc2), "projector" (its linear layers). A targeted part's base
+    weights are frozen; its adapters train (see `nvlm_jax.train.freeze`).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("llm",)
+
+    def __post_init__(self):
+        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
+        _check_fields(self, "lora", non_negative=("rank",))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or (self.rank and not self.targets):
+            raise ValueError(f"lora.targets must be a non-empty subset of {LORA_TARGETS}, got {list(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def on(self, part: str) -> LoraConfig | None:
+        """This config where `part` ("llm_attention", "llm_mlp", "vision", "projector") is
+        targeted and rank > 0, else None (no adapters there)."""
+        if not self.rank:
+            return None
+        llm = part in ("llm_attention", "llm_mlp") and "llm" in self.targets
+        return self if llm or part in self.targets else None
+
+
 @dataclasses.dataclass(frozen=True)
 class NVLMConfig:
     """A whole NVLM model: vision encoder, projector, decoder and how they are joined."""
@@ -181,6 +222,7 @@ class NVLMConfig:
     param_dtype: str = "float32"  # storage dtype
     attention_impl: Literal["auto", "xla", "pallas"] = "xla"
     remat_policy: Literal["none", "full", "dots"] = "none"
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -237,6 +279,7 @@ class NVLMConfig:
         d["vision"] = VisionConfig(**d.get("vision", {}))
         d["llm"] = LLMConfig(**d.get("llm", {}))
         d["projector"] = ProjectorConfig(**d.get("projector", {}))
+        d["lora"] = LoraConfig(**d.get("lora", {}))
         return cls(**d)
 
     @classmethod

@@ -40,6 +40,8 @@ DEFAULT_RULES: LogicalRules = (
     # Projector parameters
     ("proj_in", "fsdp"),
     ("proj_hidden", "tensor"),
+    # LoRA adapters: the rank axis is small; the adapter's other axes follow its kernel's
+    ("lora_rank", None),
     # Activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_tiles", ("data", "fsdp")),

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nvlm_jax.config import VisionConfig
+from nvlm_jax.config import LoraConfig, VisionConfig
 from nvlm_jax.models import matmul
 from nvlm_jax.models.attention import MaskSpec, attention
 from nvlm_jax.models.linear import Linear
@@ -35,6 +35,7 @@ class VisionAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    lora: LoraConfig | None = None  # adapters on every linear layer (qkv, proj, fc1, fc2)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,7 +45,7 @@ class VisionAttention(nn.Module):
         qkv_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2, 3))
         qkv = Linear(
             (3, heads, d), ("vit_embed", "vit_qkv", "vit_heads", "vit_head_dim"),
-            use_bias=c.qkv_bias, fused_bias=False, name="qkv",
+            use_bias=c.qkv_bias, fused_bias=False, name="qkv", lora=self.lora,
             kernel_init=_zero_dummy_heads(qkv_init, real, 2), **dense,
         )(x)  # [tiles, n, 3, heads, d]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -57,7 +58,7 @@ class VisionAttention(nn.Module):
         proj_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         return Linear(
             c.hidden_size, ("vit_heads", "vit_head_dim", "vit_embed"), in_dims=2, use_bias=True,
-            fused_bias=False, name="proj", kernel_init=_zero_dummy_heads(proj_init, real, 0), **dense,
+            fused_bias=False, name="proj", lora=self.lora, kernel_init=_zero_dummy_heads(proj_init, real, 0), **dense,
         )(o)
 
     def _qk_norm(self, x: jax.Array, name: str) -> jax.Array:
@@ -82,6 +83,7 @@ class VisionLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    lora: LoraConfig | None = None  # adapters on every linear layer (qkv, proj, fc1, fc2)
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_index: jax.Array):
@@ -101,12 +103,13 @@ class VisionLayer(nn.Module):
                 self.param_dtype,
             ).astype(self.dtype)
 
-        h = VisionAttention(c, self.dtype, self.param_dtype, self.attention_impl, name="attn")(norm("norm1")(x))
+        attn = VisionAttention(c, self.dtype, self.param_dtype, self.attention_impl, self.lora, name="attn")
+        h = attn(norm("norm1")(x))
         y = x + layer_scale("ls1") * h
-        h = Linear(c.intermediate_size, ("vit_embed", "vit_mlp"), use_bias=True, fused_bias=False, name="fc1", **dense)(
-            norm("norm2")(y))
+        mlp = dict(use_bias=True, fused_bias=False, lora=self.lora, **dense)
+        h = Linear(c.intermediate_size, ("vit_embed", "vit_mlp"), name="fc1", **mlp)(norm("norm2")(y))
         h = nn.gelu(h, approximate=False)
-        h = Linear(c.hidden_size, ("vit_mlp", "vit_embed"), use_bias=True, fused_bias=False, name="fc2", **dense)(h)
+        h = Linear(c.hidden_size, ("vit_mlp", "vit_embed"), name="fc2", **mlp)(h)
         y = y + layer_scale("ls2") * h
         y = nn.with_logical_constraint(y, ("activation_tiles", "activation_length", "activation_embed"))
         if c.layers_used < c.num_layers:
@@ -122,6 +125,7 @@ class InternViT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    lora: LoraConfig | None = None  # adapters on every linear layer (qkv, proj, fc1, fc2)
     remat: str = "none"
 
     @nn.compact
@@ -179,11 +183,11 @@ class InternViT(nn.Module):
         x, _ = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=0,
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "vit_layers"},
-        )(c, self.dtype, self.param_dtype, self.attention_impl, name="layers")(
+        )(c, self.dtype, self.param_dtype, self.attention_impl, self.lora, name="layers")(
             x, jnp.arange(c.num_layers)
         )
         return x

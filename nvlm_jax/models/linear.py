@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nvlm_jax.config import LoraConfig
 from nvlm_jax.models import matmul
 
 
@@ -17,6 +18,11 @@ class Linear(nn.Module):
     `fused_bias=True` adds the bias before rounding to `dtype` (PyTorch `F.linear`);
     `False` rounds the product first and adds the bias in `dtype` (the InternViT reference,
     which does the matmul and the bias add as two bf16 ops).
+
+    `lora` (rank > 0) adds a low-rank adapter: params `lora_a [in..., rank]` and
+    `lora_b [rank, out...]` (logical axis "lora_rank" between the kernel's), and
+    `y += (alpha / rank) * dropout(x) · A · B` before rounding and bias, so B = 0 gives exactly
+    the base layer. Dropout runs only when a "dropout" RNG is given (training).
     """
 
     features: int | Sequence[int]
@@ -27,6 +33,7 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer | None = None
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,6 +60,8 @@ class Linear(nn.Module):
         # The matmul's backward also runs in `dtype` (see `matmul`); f32 accumulation throughout.
         spec = matmul.linear_spec(x.ndim, self.in_dims, len(out_shape))
         y = matmul.einsum(spec, x, kernel, self.dtype, jnp.float32)
+        if self.lora is not None and self.lora.rank:
+            y = y + self._lora_delta(x, in_shape, out_shape)
         if not self.use_bias:
             return y.astype(self.dtype)
         bias = self.param(
@@ -64,3 +73,21 @@ class Linear(nn.Module):
         if self.fused_bias:
             return (y + bias.astype(jnp.float32)).astype(self.dtype)
         return y.astype(self.dtype) + bias.astype(self.dtype)
+
+    def _lora_delta(self, x: jax.Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> jax.Array:
+        """`(alpha / rank) * dropout(x) · A · B`, f32 [batch..., out...]."""
+        r, axes = self.lora.rank, tuple(self.kernel_axes)
+        # A as PyTorch PEFT: Kaiming-uniform over the fan-in; B zero so training starts at the base.
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(self.in_dims)),
+                                                  out_axis=self.in_dims)
+        a = self.param("lora_a", nn.with_logical_partitioning(a_init, axes[: self.in_dims] + ("lora_rank",)),
+                       in_shape + (r,), self.param_dtype)
+        b_axes = ("lora_rank",) + axes[self.in_dims :]
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, b_axes), (r,) + out_shape,
+                       self.param_dtype)
+        if self.lora.dropout and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.lora.dropout, x.shape)
+            x = jnp.where(keep, x / (1 - self.lora.dropout), 0).astype(x.dtype)
+        h = matmul.einsum(matmul.linear_spec(x.ndim, self.in_dims, 1), x, a, self.dtype, self.dtype)
+        delta = matmul.einsum(matmul.linear_spec(h.ndim, 1, len(out_shape)), h, b, self.dtype, jnp.float32)
+        return delta * self.lora.scale

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from nvlm_jax.config import LLMConfig
+from nvlm_jax.config import LLMConfig, LoraConfig
 from nvlm_jax.models import matmul
 from nvlm_jax.models.attention import MaskSpec, attention
 from nvlm_jax.models.cross_attention import GatedCrossAttention
@@ -67,6 +67,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask: MaskSpec, cache_index):
@@ -74,7 +75,8 @@ class DecoderLayer(nn.Module):
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(eps=c.rms_norm_eps, **dense)
         h = RMSNorm(name="input_layernorm", **norm)(x)
-        qkv = dict(use_bias=c.qkv_bias, **dense)
+        attn_lora = self.lora.on("llm_attention")
+        qkv = dict(use_bias=c.qkv_bias, lora=attn_lora, **dense)
         q = Linear((c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **qkv)(h)
         k = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **qkv)(h)
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(h)
@@ -87,9 +89,10 @@ class DecoderLayer(nn.Module):
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         o = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.attention_impl)
         o = nn.with_logical_constraint(o, ("activation_batch", "activation_length", "activation_heads", None))
-        x = x + Linear(c.hidden_size, ("q_heads", "head_dim", "embed"), in_dims=2, name="o_proj", **dense)(o)
+        x = x + Linear(c.hidden_size, ("q_heads", "head_dim", "embed"), in_dims=2, name="o_proj", lora=attn_lora,
+                       **dense)(o)
         h = RMSNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + MLP(c.hidden_size, c.intermediate_size, name="mlp", **dense)(h)
+        x = x + MLP(c.hidden_size, c.intermediate_size, name="mlp", lora=self.lora.on("llm_mlp"), **dense)(h)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, new_cache
 
@@ -122,6 +125,7 @@ class LLM(nn.Module):
     attention_impl: str = "xla"
     remat: str = "none"
     xattn_every: int | None = None
+    lora: LoraConfig = LoraConfig()
 
     def setup(self):
         c = self.cfg
@@ -147,7 +151,7 @@ class LLM(nn.Module):
             )
 
     def _layer(self) -> DecoderLayer:
-        return DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
+        return DecoderLayer(self.cfg, self.dtype, self.param_dtype, self.attention_impl, self.lora, parent=None)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """[batch, seq] int → [batch, seq, embed] in the compute dtype."""
@@ -215,30 +219,36 @@ class LLM(nn.Module):
 
     def _run_layers(self, x, layer_cache, cos, sin, mask, cache_index, xattn):
         layer = self._layer()
+        # Adapter dropout: one key per layer, only when the caller passes a "dropout" RNG.
+        keys = None
+        if self.lora.rank and self.lora.dropout and self.has_rng("dropout"):
+            keys = jax.random.split(self.make_rng("dropout"), self.cfg.num_layers)
 
         def one_layer(x, xs):
-            params, lcache = xs
-            return layer.apply({"params": params}, x, lcache, cos, sin, mask, cache_index)
+            params, lcache, key = xs
+            rngs = None if key is None else {"dropout": key}
+            return layer.apply({"params": params}, x, lcache, cos, sin, mask, cache_index, rngs=rngs)
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
         if self.xattn_every is None:
             if xattn is not None:
                 raise ValueError("cross-attention inputs given to a decoder without xattn_every")
-            return jax.lax.scan(one_layer, x, (self.layers, layer_cache))
+            return jax.lax.scan(one_layer, x, (self.layers, layer_cache, keys))
         if xattn is None:
             raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
         groups = self.cfg.num_layers // self.xattn_every
         block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
 
         def one_group(x, xs):
-            params, gcache, block_params, k, v = xs
-            x, new_gcache = jax.lax.scan(one_layer, x, (params, gcache))
+            params, gcache, gkeys, block_params, k, v = xs
+            x, new_gcache = jax.lax.scan(one_layer, x, (params, gcache, gkeys))
             x = block.apply({"params": block_params}, x, k, v, xattn.mask)
             return x, new_gcache
 
         grouped_cache = None if layer_cache is None else group_leading(layer_cache, groups)
         x, new_cache = jax.lax.scan(
-            one_group, x, (group_leading(self.layers, groups), grouped_cache, xattn.params, xattn.k, xattn.v)
+            one_group, x, (group_leading(self.layers, groups), grouped_cache,
+                           None if keys is None else group_leading(keys, groups), xattn.params, xattn.k, xattn.v)
         )
         return x, None if new_cache is None else ungroup_leading(new_cache)

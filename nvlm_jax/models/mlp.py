@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from nvlm_jax.config import LoraConfig
 from nvlm_jax.models.linear import Linear
 
 
@@ -16,10 +17,11 @@ class MLP(nn.Module):
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: LoraConfig | None = None  # adapters on all three projections
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = Linear(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **dense)(x)
         up = Linear(self.intermediate_size, ("embed", "mlp"), name="up_proj", **dense)(x)
         h = nn.silu(gate) * up

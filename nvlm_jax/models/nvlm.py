@@ -64,11 +64,12 @@ class NVLM(nn.Module):
     def setup(self):
         c = self.cfg
         common = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        self.vision = InternViT(c.vision, attention_impl=c.attention_impl, remat=c.remat_policy, **common)
-        self.projector = Projector(c.projector, **common)
+        self.vision = InternViT(c.vision, attention_impl=c.attention_impl, remat=c.remat_policy,
+                                lora=c.lora.on("vision"), **common)
+        self.projector = Projector(c.projector, lora=c.lora.on("projector"), **common)
         xattn_every = c.xattn_every if c.arch in ("X", "H") else None
         self.llm = LLM(c.llm, attention_impl=c.attention_impl, remat=c.remat_policy, xattn_every=xattn_every,
-                       **common)
+                       lora=c.lora, **common)
         if xattn_every:
             e = c.llm.hidden_size
             block = GatedCrossAttention(c.llm, attention_impl=c.attention_impl, parent=None, **common)
@@ -327,8 +328,9 @@ def shard_params(params, cfg: NVLMConfig, mesh: jax.sharding.Mesh, rules: Logica
     return jax.device_put(params, tree_shardings(abstract_params(cfg), mesh, rules))
 
 
-def apply_batch(params, cfg: NVLMConfig, batch) -> jax.Array:
-    """Logits [B, S, vocab] (f32) for a training batch (see `nvlm_jax.data.batch`), any arch."""
+def apply_batch(params, cfg: NVLMConfig, batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Logits [B, S, vocab] (f32) for a training batch (see `nvlm_jax.data.batch`), any arch.
+    `dropout_rng` turns on the LoRA adapters' dropout (training only)."""
     return NVLM(cfg).apply(
         {"params": params},
         batch["input_ids"],
@@ -339,4 +341,5 @@ def apply_batch(params, cfg: NVLMConfig, batch) -> jax.Array:
         token_tile=batch["token_tile"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )[0]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from nvlm_jax.config import ProjectorConfig
+from nvlm_jax.config import LoraConfig, ProjectorConfig
 from nvlm_jax.models.linear import Linear
 from nvlm_jax.models.norms import LayerNorm
 
@@ -39,14 +39,15 @@ class Projector(nn.Module):
     cfg: ProjectorConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: LoraConfig | None = None  # adapters on its linear layers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if c.num_layers == 1:
-            return Linear(c.output_size, ("proj_in", "embed"), name="fc", **dense)(x)
+            return Linear(c.output_size, ("proj_in", "embed"), name="fc", lora=self.lora, **dense)(x)
         x = LayerNorm(eps=c.norm_eps, axes=("proj_in",), name="norm", **dense)(x)
-        x = Linear(c.hidden_size, ("proj_in", "proj_hidden"), name="fc1", **dense)(x)
+        x = Linear(c.hidden_size, ("proj_in", "proj_hidden"), name="fc1", lora=self.lora, **dense)(x)
         x = nn.gelu(x, approximate=False)
-        return Linear(c.output_size, ("proj_hidden", "embed"), name="fc2", **dense)(x)
+        return Linear(c.output_size, ("proj_hidden", "embed"), name="fc2", lora=self.lora, **dense)(x)

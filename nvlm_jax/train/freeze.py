@@ -13,6 +13,11 @@ wants it trained uses stage ``"full"`` or its own mask. The decision is made on 
 tree (``"vision"``, ``"projector"``, ``"llm"``, ``"xattn"``); an unknown top-level key is an error
 rather than a silent guess.
 
+LoRA (adapter leaves `lora_a` / `lora_b`, see `nvlm_jax.models.lora`): a top-level subtree that
+holds adapters trains its adapters only, its base weights frozen, whatever the stage says of it;
+the other subtrees follow the stage (e.g. D sft with LoRA on the LLM: projector fully, LLM
+adapters only; a ViT given adapters trains them although both paper stages freeze the ViT).
+
 Frozen leaves are kept out of the optimizer entirely: `partition` splits the params into a
 trainable tree and a frozen tree (each with ``None`` where the other has a leaf), the gradient is
 taken with respect to the trainable tree only, and the optimizer state mirrors that tree.
@@ -24,6 +29,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+
+from nvlm_jax.models.lora import adapter_mask, has_adapters
 
 STAGES = ("pretrain", "sft", "full")
 TOP_LEVEL_KEYS = ("vision", "projector", "llm", "xattn")
@@ -60,11 +67,18 @@ def trainable_mask(params: Mapping[str, Any], arch: str, stage: str) -> dict[str
     if unknown:
         raise ValueError(f"param tree has unknown top-level keys {unknown}; expected some of {TOP_LEVEL_KEYS}")
     trained = trained_subtrees(arch, stage)
-    if not trained & set(params):
+    if not trained & set(params) and not has_adapters(params):
         raise ValueError(
             f"arch {arch!r} stage {stage!r} trains {sorted(trained)} but the param tree only has {sorted(params)}"
         )
-    return {key: jax.tree_util.tree_map(lambda _, t=key in trained: t, sub) for key, sub in params.items()}
+    mask = {}
+    for key, sub in params.items():
+        is_adapter = adapter_mask(sub)
+        if any(jax.tree_util.tree_leaves(is_adapter)):
+            mask[key] = is_adapter
+        else:
+            mask[key] = jax.tree_util.tree_map(lambda _, t=key in trained: t, sub)
+    return mask
 
 
 def partition(tree: Any, mask: Any) -> tuple[Any, Any]:

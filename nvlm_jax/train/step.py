@@ -95,9 +95,15 @@ def make_train_step(
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
-    def grads_of(trainable, frozen, batch, denom):
+    # LoRA dropout: a key per step (and micro-batch) from the step counter, so resumes are exact.
+    dropout = bool(cfg.lora.rank and cfg.lora.dropout) and apply_fn is nvlm.apply_batch
+
+    def grads_of(trainable, frozen, batch, denom, key):
         def loss_fn(t):
-            logits = apply_fn(combine(t, frozen), cfg, batch)
+            if dropout:
+                logits = nvlm.apply_batch(combine(t, frozen), cfg, batch, dropout_rng=key)
+            else:
+                logits = apply_fn(combine(t, frozen), cfg, batch)
             stats = token_stats(logits, batch["targets"], batch["loss_mask"])
             return stats.loss_sum / denom, stats
 
@@ -107,18 +113,21 @@ def make_train_step(
     def step(state: TrainState, batch: Batch):
         trainable, frozen = partition(state.params, mask)
         denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        key = jax.random.fold_in(jax.random.key(0x10A), state.step)
         if grad_accum_steps == 1:
-            stats, grads = grads_of(trainable, frozen, batch, denom)
+            stats, grads = grads_of(trainable, frozen, batch, denom, key)
         else:
-            def micro(carry, mb):
+            def micro(carry, xs):
                 acc_stats, acc_grads = carry
-                stats, grads = grads_of(trainable, frozen, mb, denom)
+                i, mb = xs
+                stats, grads = grads_of(trainable, frozen, mb, denom, jax.random.fold_in(key, i))
                 return (jax.tree_util.tree_map(jnp.add, acc_stats, stats),
                         jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), acc_grads, grads)), None
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
             zero_stats = TokenStats(*(jnp.zeros((), jnp.float32),) * 3)
-            (stats, grads), _ = jax.lax.scan(micro, (zero_stats, zeros), _split_micro(batch, grad_accum_steps))
+            (stats, grads), _ = jax.lax.scan(micro, (zero_stats, zeros),
+                                             (jnp.arange(grad_accum_steps), _split_micro(batch, grad_accum_steps)))
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trainable)
         loss = stats.loss_sum / denom
         grad_norm = optax.tree.norm(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads))
