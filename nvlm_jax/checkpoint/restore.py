@@ -188,7 +188,10 @@ def param_target(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: Logical
     """The abstract params of `cfg`: `ShapeDtypeStruct`s in `cfg.param_dtype` with their shardings."""
     from flax import linen as nn
 
-    shapes = nn.meta.unbox(nvlm_model.abstract_params(cfg))
+    # Not nn.meta.unbox: under the training loop's mesh it would constrain the abstract shapes (and fail).
+    shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+                                    nvlm_model.abstract_params(cfg),
+                                    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     dtype = jnp.dtype(cfg.param_dtype)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
                                   shapes, param_shardings(cfg, mesh, rules))

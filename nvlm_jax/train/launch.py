@@ -2,7 +2,7 @@
 run: model config, tokenizer, data pipelines, held-out evaluator, params init, then `loop.train`.
 
 Run config fields (all configs define all of them):
-  arch, stage, seed, num_steps, grad_accum_steps, log_every, max_nonfinite,
+  arch ("" = the init checkpoint's), stage, seed, num_steps, grad_accum_steps, log_every, max_nonfinite,
   peak_flops_per_device, compilation_cache_dir, tokenizer ("tiny" or a tokenizer folder;
   "" = the init checkpoint's folder),
   model: preset ("tiny", "72b", "34b"), dtype, param_dtype, remat_policy, attention_impl,
@@ -10,8 +10,10 @@ Run config fields (all configs define all of them):
   init: checkpoint (a converted folder, a training workdir / checkpoints/<step> folder, or a bare
     Orbax params folder; "" = from scratch; see `nvlm_jax.checkpoint.restore.init_source`),
     config_json (the model config when `checkpoint` is a bare params folder), allow_missing,
-  data: kind ("synthetic", "pretrain_blend", "sft_blend"), root (blends), tasks ({task:
-    weight}, synthetic), train_size, eval_size, batch_size (global), seq_len, tiles_per_row,
+  data: kind ("synthetic", "pretrain_blend", "sft_blend", "files"), root (blends), tasks ({task:
+    weight}, synthetic), train / eval / image_root / format / tfds_data_dir (files: your own
+    datasets, `path[:weight]` entries, see `nvlm_jax.data.files`), prompt_format ("init": the
+    init checkpoint's), train_size, eval_size, batch_size (global), seq_len, tiles_per_row,
     packing, num_workers (per data shard), read_threads, seed, num_shards (record-wise shards
     of the global batch, 0 = one per process; see `nvlm_jax.train.multihost`),
   eval: every (0 = only at the end), tasks (default: the data tasks), samples_per_task
@@ -86,9 +88,11 @@ def model_config(c, tokenizer) -> NVLMConfig:
     m = c.model
     if c.init.checkpoint:
         _, cfg = restore_lib.init_source(c.init.checkpoint, c.init.config_json or None)
-        if cfg.arch != c.arch:
+        if c.arch and cfg.arch != c.arch:
             raise ValueError(f"init checkpoint {c.init.checkpoint} is NVLM-{cfg.arch} but the run's arch is {c.arch}; "
                              f"assemble an NVLM-{c.arch} checkpoint with nvlm_jax.convert first")
+    elif not c.arch:
+        raise ValueError("config.arch is empty (= the init checkpoint's) but there is no init.checkpoint")
     else:
         cfg = _preset(c.arch, m.preset, _plain(m.get("llm", {})), _plain(m.get("vision", {})))
     cfg = cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
@@ -101,8 +105,18 @@ def model_config(c, tokenizer) -> NVLMConfig:
 def prompt_format(c, cfg: NVLMConfig) -> PromptFormat:
     """The `PromptFormat` of run config `c` for model `cfg`: `data.tag_style`, `data.max_tiles`
     (the stage's tile budget; 0 = the model's `max_tiles`) and `data.system_message` ("" = no
-    system turn); thumbnail rule and tokens per tile from the model. Saved with every checkpoint
-    (the same rule reads checkpoints saved before the format was: `restore.run_prompt_format`)."""
+    system turn); thumbnail rule and tokens per tile from the model. With `data.prompt_format`
+    "init" (fine-tuning), the init checkpoint's own saved format instead, so the model keeps
+    being asked as it was trained. Saved with every checkpoint (the same rule reads checkpoints
+    saved before the format was: `restore.run_prompt_format`)."""
+    if c.data.get("prompt_format", "") == "init":
+        if not c.init.checkpoint:
+            raise ValueError("data.prompt_format 'init' needs an init.checkpoint")
+        try:
+            return restore_lib.read_info(c.init.checkpoint).prompt_format
+        except ValueError as e:
+            raise ValueError(f"data.prompt_format 'init': {e}; set data.prompt_format='' to use data.tag_style, "
+                             "data.max_tiles and data.system_message") from e
     return restore_lib.run_prompt_format({"data": _plain(c.data)}, cfg)
 
 
@@ -151,8 +165,10 @@ def data_config(c, cfg: NVLMConfig, *, packing: bool | None = None, only: str | 
             raise ValueError(f"data.kind {d.kind!r} needs data.root (a folder of <dataset>/<split>.jsonl)")
         make = blends.pretrain_data_config if d.kind == "pretrain_blend" else blends.sft_data_config
         data_cfg = make(d.root, **kwargs)
+    elif d.kind == "files":
+        data_cfg = DataConfig(sources=_file_sources(d, "train" if only is None else "eval"), **kwargs)
     else:
-        raise ValueError(f"data.kind must be 'synthetic', 'pretrain_blend' or 'sft_blend', got {d.kind!r}")
+        raise ValueError(f"data.kind must be 'synthetic', 'pretrain_blend', 'sft_blend' or 'files', got {d.kind!r}")
     if only is not None:
         spec = [s for s in data_cfg.sources if s.name == only]
         if not spec:
@@ -163,6 +179,27 @@ def data_config(c, cfg: NVLMConfig, *, packing: bool | None = None, only: str | 
         data_cfg = DataConfig(sources=(dataclasses.replace(src, weight=1.0),), packing=False, shuffle=False,
                               num_epochs=1, num_workers=0, prompt_format=fmt)
     return data_cfg
+
+
+def _file_sources(d, split: str) -> tuple:
+    """The sources of `data.train` (split "train") or `data.eval` (split "eval") of a files run."""
+    from nvlm_jax.data import files
+
+    value = d.train if split == "train" else d.eval
+    if not value:
+        raise ValueError(f"data.kind 'files' needs data.{split} (a file, or 'path[:weight],path[:weight]')")
+    return files.file_sources(_plain(value), split, image_root=d.get("image_root") or None,
+                              record_format=d.get("format") or "auto", tfds_data_dir=d.get("tfds_data_dir") or None)
+
+
+def eval_tasks(c) -> list[str]:
+    """The held-out tasks: `eval.tasks`, else the eval files' sources (files runs; none without
+    `data.eval`), else the data tasks."""
+    if c.eval.tasks:
+        return list(c.eval.tasks)
+    if c.data.kind == "files":
+        return [s.name for s in _file_sources(c.data, "eval")] if c.data.get("eval") else []
+    return list(c.data.tasks)
 
 
 def train_iterator(c, cfg: NVLMConfig, tokenizer):
@@ -194,9 +231,8 @@ def eval_batches(c, cfg: NVLMConfig, tokenizer) -> dict[str, list[dict]]:
     from nvlm_jax.data.pipeline import make_pipeline
 
     e, d = c.eval, c.data
-    tasks = list(e.tasks) if e.tasks else list(d.tasks)
     out = {}
-    for task in tasks:
+    for task in eval_tasks(c):
         it = make_pipeline(
             data_config(c, cfg, only=task, eval_size=e.samples_per_task), cfg, tokenizer, split="eval", seed=d.seed,
             batch_size=e.batch_size, seq_len=d.seq_len, tiles_per_row=d.tiles_per_row,
@@ -215,8 +251,9 @@ def eval_batches(c, cfg: NVLMConfig, tokenizer) -> dict[str, list[dict]]:
 
 
 def make_evaluator(c, cfg: NVLMConfig, tokenizer) -> eval_lib.ExactMatchEvaluator | None:
-    """The held-out exact-match evaluator, or None when `eval.samples_per_task` is 0."""
-    if not c.eval.samples_per_task:
+    """The held-out exact-match evaluator, or None when `eval.samples_per_task` is 0 or there
+    are no eval tasks."""
+    if not c.eval.samples_per_task or not eval_tasks(c):
         return None
     from nvlm_jax.processing import tokenizer as tok
 
