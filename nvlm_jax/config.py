@@ -222,11 +222,15 @@ class NVLMConfig:
     param_dtype: str = "float32"  # storage dtype
     attention_impl: Literal["auto", "xla", "pallas"] = "xla"
     remat_policy: Literal["none", "full", "dots"] = "none"
+    # Weight-only quantized Linear kernels: None, "int8" or "int4" (see nvlm_jax/models/quantize.py).
+    quantize: str | None = None
     lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"config.quantize must be None, 'int8' or 'int4', got {self.quantize!r}")
         _check_fields(self, "config", positive=("downsample_ratio", "max_tag_tokens", "max_tiles"),
                       non_negative=("image_context_token_id",))
         if self.xattn_every is not None and (isinstance(self.xattn_every, bool) or not isinstance(self.xattn_every, int)

@@ -34,6 +34,7 @@ import numpy as np
 from nvlm_jax.checkpoint import folders
 from nvlm_jax.checkpoint import restore as restore_lib
 from nvlm_jax.checkpoint.hf_import import load_hf_params
+from nvlm_jax.checkpoint.quantized import quantize_params
 from nvlm_jax.checkpoint.manifest import verify_manifest
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.generate import (
@@ -46,6 +47,7 @@ from nvlm_jax.generate import (
     prepare_row_tiles,
 )
 from nvlm_jax.models.nvlm import NVLM, check_image_token_count, check_mesh
+from nvlm_jax.models.quantize import check_mode
 from nvlm_jax.processing import EncodedPrompt, encode_prompt, get_special_tokens, tiling
 from nvlm_jax.processing.prompt import IMAGE_PLACEHOLDER, CrossAttentionIds, cross_attention_ids
 from nvlm_jax.processing.prompt_format import PromptFormat
@@ -144,7 +146,8 @@ class NVLMModel:
     def __repr__(self) -> str:
         c = self.config
         return (f"NVLMModel(arch={c.arch}, vision={c.vision.num_layers}x{c.vision.hidden_size}, "
-                f"llm={c.llm.num_layers}x{c.llm.hidden_size}, dtype={c.param_dtype}, mesh={self.mesh})")
+                f"llm={c.llm.num_layers}x{c.llm.hidden_size}, dtype={c.param_dtype}, quantize={c.quantize}, "
+                f"mesh={self.mesh})")
 
     # ---- special tokens ----
 
@@ -424,6 +427,7 @@ def load_pretrained(
     progress: bool = False,
     check_finite: bool = True,
     verify: bool = False,
+    quantize: str | None = None,
 ) -> NVLMModel:
     """Loads an NVLM model from any checkpoint (see `nvlm_jax.checkpoint.folders`).
 
@@ -443,6 +447,10 @@ def load_pretrained(
       check_finite: HF folders only: `NonFiniteError` naming the first tensor holding NaN/Inf.
       verify: converted folders only: check every file against the folder's sha256 manifest
         first (`ManifestError` naming each missing, extra or damaged file).
+      quantize: "int8" / "int4": weight-only quantized Linear kernels (see
+        `nvlm_jax.models.quantize`). An HF folder is quantized slab by slab on the host while it
+        streams; unquantized Orbax params are quantized on their devices one kernel at a time; a
+        folder converted with `--quantize` loads as stored (None also loads it as stored).
 
     Raises:
       CheckpointNotFoundError (a FileNotFoundError) when `path` or the step does not exist,
@@ -455,13 +463,19 @@ def load_pretrained(
             raise ValueError(f"{loc.path}: verify=True checks the manifest of a converted folder; this is a "
                              f"{loc.describe()}")
         verify_manifest(_local_root(loc, "a converted folder to verify"))
+    check_mode(quantize)
     if loc.kind == "hf":
         cfg, params = load_hf_params(_local_root(loc), dtype or "bfloat16", mesh,
                                      drop_dummy_heads=drop_dummy_heads, progress=progress, rules=rules,
-                                     check_finite=check_finite)
+                                     check_finite=check_finite, quantize=quantize)
     else:
         cfg = restore_lib.with_dtype(info.config, dtype) if dtype else info.config
+        if quantize is not None and cfg.quantize not in (None, quantize):
+            raise ValueError(f"{loc.path}: params are stored quantized as {cfg.quantize}; they cannot be "
+                             f"re-quantized to {quantize} (load with quantize=None or {cfg.quantize!r})")
         params, _ = restore_lib.load_params(loc, cfg, mesh, rules)
+        if quantize is not None and cfg.quantize is None:
+            cfg, params = quantize_params(params, cfg, quantize, mesh, rules)
     tokenizer = tokenizer_from_spec(info.tokenizer) if info.tokenizer is not None else None
     return NVLMModel(cfg, params, tokenizer, mesh, rules, prompt_format=info.prompt_format, source=loc)
 

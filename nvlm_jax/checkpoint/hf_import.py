@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from nvlm_jax import weight_map as wm
 from nvlm_jax.checkpoint.paths import check_apart
 from nvlm_jax.checkpoint.plan import plan_nvlm
+from nvlm_jax.checkpoint.quantized import quantize_plan
 from nvlm_jax.checkpoint.restore import param_shardings
 from nvlm_jax.checkpoint.writers import ShardedWrite, write_plan, write_plan_sharded
 from nvlm_jax.config import NVLMConfig
@@ -38,6 +39,7 @@ def convert(
     mesh: jax.sharding.Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
     check_finite: bool = True,
+    quantize: str | None = None,
 ) -> Path:
     """Converts an NVLM-D Hugging Face folder into our Orbax checkpoint folder `out_dir`.
 
@@ -54,18 +56,27 @@ def convert(
       rules: logical-axis rules of the sharded layout.
       check_finite: raise `NonFiniteError` naming the first source tensor holding NaN or Inf
         (checked per slab while streaming; nothing is left behind).
+      quantize: "int8" / "int4": store every Linear kernel quantized (`kernel_q` + `kernel_scale`,
+        see `nvlm_jax.models.quantize`), quantized slab by slab while streaming; the folder's
+        config records it, so it loads without re-quantizing. Not with `mesh`.
 
     Returns:
       `out_dir` as an absolute Path (its last file, `nvlm_manifest.json`, holds every file's
       sha256). Raises ValueError listing every problem of the source, and before anything is
       read when `out_dir` is, holds or lies inside `hf_dir`.
     """
+    if mesh is not None and quantize is not None:
+        raise ValueError("convert: quantize is done while streaming on one host; convert without a mesh "
+                         "(the quantized folder restores onto any mesh)")
     if mesh is not None:
         return convert_sharded(hf_dir, out_dir, mesh, dtype=dtype, drop_dummy_heads=drop_dummy_heads,
                                overwrite=overwrite, progress=progress, rules=rules, check_finite=check_finite)[0]
     check_apart(out_dir, {"Hugging Face folder": hf_dir})
     plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress, check_finite)
-    return write_plan(plan, out_dir, overwrite, _convert_source(hf_dir, dtype, drop_dummy_heads))
+    source = _convert_source(hf_dir, dtype, drop_dummy_heads)
+    if quantize is not None:
+        plan, source = quantize_plan(plan, quantize), dict(source, quantize=quantize)
+    return write_plan(plan, out_dir, overwrite, source)
 
 
 def _convert_source(hf_dir, dtype: str, drop_dummy_heads: bool, **extra) -> dict[str, Any]:
@@ -110,14 +121,18 @@ def load_hf_params(
     progress: bool = False,
     rules: LogicalRules = DEFAULT_RULES,
     check_finite: bool = True,
+    quantize: str | None = None,
 ) -> tuple[NVLMConfig, dict]:
     """Reads an NVLM-D Hugging Face folder straight into device arrays (no Orbax step).
 
     Params are assembled one at a time on the host and placed on `mesh` (or the first device),
     so host memory peaks near the largest (stacked) param. Returns `(config, params)`.
-    `check_finite`: `NonFiniteError` naming the first NaN/Inf source tensor.
+    `check_finite`: `NonFiniteError` naming the first NaN/Inf source tensor. `quantize` ("int8" /
+    "int4"): Linear kernels are quantized slab by slab on the host before they reach a device.
     """
     plan = plan_nvlm(hf_dir, dtype, drop_dummy_heads, progress, check_finite)
+    if quantize is not None:
+        plan = quantize_plan(plan, quantize)
     shardings = param_shardings(plan.cfg, mesh, rules)
     try:
         flat = {path: jax.device_put(p.materialize(), wm.tree_get(shardings, path)) for path, p in plan.params.items()}

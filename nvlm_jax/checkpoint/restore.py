@@ -185,16 +185,23 @@ def param_shardings(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: Logi
 
 
 def param_target(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: LogicalRules = DEFAULT_RULES):
-    """The abstract params of `cfg`: `ShapeDtypeStruct`s in `cfg.param_dtype` with their shardings."""
+    """The abstract params of `cfg`: `ShapeDtypeStruct`s in `cfg.param_dtype` with their shardings
+    (quantized kernels keep their integer values and float32 scales)."""
     from flax import linen as nn
+
+    from nvlm_jax.models.quantize import QUANT_LEAVES
 
     # Not nn.meta.unbox: under the training loop's mesh it would constrain the abstract shapes (and fail).
     shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
                                     nvlm_model.abstract_params(cfg),
                                     is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     dtype = jnp.dtype(cfg.param_dtype)
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
-                                  shapes, param_shardings(cfg, mesh, rules))
+
+    def target(path, s, sh):
+        keep = str(getattr(path[-1], "key", path[-1])) in QUANT_LEAVES
+        return jax.ShapeDtypeStruct(s.shape, s.dtype if keep else dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(target, shapes, param_shardings(cfg, mesh, rules))
 
 
 def _path_str(path) -> str:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from nvlm_jax.config import LoraConfig
-from nvlm_jax.models import matmul
+from nvlm_jax.models import matmul, quantize
 
 
 class Linear(nn.Module):
@@ -51,12 +51,15 @@ class Linear(nn.Module):
             in_axis=tuple(range(self.in_dims)),
             out_axis=tuple(range(self.in_dims, len(kernel_shape))),
         )
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
-            kernel_shape,
-            self.param_dtype,
-        )
+        if quantize.is_quantized(self):  # int8/int4 weights (see `quantize`): kernel_q + kernel_scale
+            kernel = quantize.quantized_kernel(self, kernel_shape, self.kernel_axes, self.in_dims, init, self.dtype)
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
+                kernel_shape,
+                self.param_dtype,
+            )
         # The matmul's backward also runs in `dtype` (see `matmul`); f32 accumulation throughout.
         spec = matmul.linear_spec(x.ndim, self.in_dims, len(out_shape))
         y = matmul.einsum(spec, x, kernel, self.dtype, jnp.float32)

@@ -25,6 +25,7 @@ from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models.cross_attention import GatedCrossAttention, cross_attention_mask
 from nvlm_jax.models.intern_vit import InternViT
 from nvlm_jax.models.llm import LLM, Cache, CrossAttentionInputs
+from nvlm_jax.models import quantize
 from nvlm_jax.models.projector import Projector, pixel_shuffle
 from nvlm_jax.models.stacked import stacked_init
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, tree_shardings
@@ -60,6 +61,19 @@ def thumbnail_slots(tile_valid: jax.Array, tile_image: jax.Array) -> jax.Array:
 
 class NVLM(nn.Module):
     cfg: NVLMConfig
+
+    # Quantized Linear kernels (`cfg.quantize`) are declared by the model itself: every init and
+    # apply runs inside `quantized_init`, so the stacked layers' param shapes (checked by flax
+    # against their init on every apply) are the quantized ones.
+    @nn.nowrap
+    def init(self, *args, **kwargs):
+        with quantize.quantized_init(self.cfg.quantize):
+            return super().init(*args, **kwargs)
+
+    @nn.nowrap
+    def apply(self, *args, **kwargs):
+        with quantize.quantized_init(self.cfg.quantize):
+            return super().apply(*args, **kwargs)
 
     def setup(self):
         c = self.cfg
@@ -275,7 +289,8 @@ def _init(cfg: NVLMConfig, key):
 
 
 def abstract_params(cfg: NVLMConfig):
-    """The boxed (logically annotated) parameter shapes, without allocating anything."""
+    """The boxed (logically annotated) parameter shapes, without allocating anything (quantized
+    Linear kernels when `cfg.quantize`)."""
     return jax.eval_shape(lambda: _init(cfg, jax.random.key(0)))
 
 

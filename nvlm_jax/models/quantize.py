@@ -1,0 +1,151 @@
+"""Weight-only quantization of `Linear` kernels: int8 with per-output-channel scales, int4 with
+scales per group of (up to) 128 inputs.
+
+A quantized Linear holds `kernel_q` (int8 / int4, the kernel's shape and logical axes) and
+`kernel_scale` (float32) instead of `kernel`; `kernel ≈ kernel_q * scale`, the scale broadcast
+over tiles (a scale axis of size 1 covers the whole kernel axis, a scale axis of size k covers
+k equal tiles). The product dequantizes inside the jit-compiled program, right before the matmul
+(XLA fuses the convert and the scale into the matmul's operand on GPU); no full-precision copy
+of a weight is ever stored.
+
+Scale layouts (kernel `[in..., out...]`):
+  int8: `[1 x in_dims, out...]` (logical axes "quant_in" (then None), the kernel's out axes).
+  int4: the last input axis split into groups of `gcd(size, 128)` inputs (logical axis
+        "quant_groups"), the other input axes per index (their own logical axes), then out...
+
+Conventions follow qwix (symmetric absmax calibration, bound qmax + 0.5, round half to even,
+clip to the integer range), so `qwix.quantize` is the tests' oracle. The one quantizer works on
+numpy (host-side streaming conversion, slab by slab) and on jax arrays (under jit).
+
+Which params are quantized is decided by the model: `NVLMConfig.quantize` makes
+`nvlm.abstract_params` trace the model inside `quantized_init(mode)`, where every `Linear` declares
+`kernel_q`/`kernel_scale`; at apply time a Linear is quantized when its params hold `kernel_q`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import linen as nn
+
+MODES = ("int8", "int4")
+GROUP_SIZE = 128
+QUANT_LEAVES = ("kernel_q", "kernel_scale")
+SCALE_DTYPE = np.float32
+_QDTYPES = {"int8": np.dtype(np.int8), "int4": np.dtype(ml_dtypes.int4)}
+_INIT_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("nvlm_quantized_init", default=None)
+
+
+def check_mode(mode: str | None, what: str = "quantize") -> str | None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"{what} must be one of {MODES} or None, got {mode!r}")
+    return mode
+
+
+def qdtype(mode: str) -> np.dtype:
+    return _QDTYPES[check_mode(mode)]
+
+
+def mode_of(kernel_q) -> str:
+    """"int8" or "int4" from a `kernel_q` array (or ShapeDtypeStruct)."""
+    for mode, dt in _QDTYPES.items():
+        if np.dtype(kernel_q.dtype) == dt:
+            return mode
+    raise ValueError(f"kernel_q has dtype {kernel_q.dtype}; expected one of {list(_QDTYPES.values())}")
+
+
+@contextlib.contextmanager
+def quantized_init(mode: str | None) -> Iterator[None]:
+    """Inside, initialising a model makes every `Linear` declare quantized params of `mode`
+    (None: plain kernels)."""
+    token = _INIT_MODE.set(check_mode(mode))
+    try:
+        yield
+    finally:
+        _INIT_MODE.reset(token)
+
+
+def scale_layout(kernel_shape: Sequence[int], kernel_axes: Sequence[str | None], in_dims: int, mode: str
+                 ) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+    """`(scale shape, scale logical axes)` of a kernel `[in..., out...]` (see module doc)."""
+    kernel_shape, kernel_axes = tuple(kernel_shape), tuple(kernel_axes)
+    out_shape, out_axes = kernel_shape[in_dims:], kernel_axes[in_dims:]
+    if check_mode(mode) == "int8":
+        # logical names may not repeat within one array: further size-1 axes are unnamed
+        return (1,) * in_dims + out_shape, ("quant_in",) + (None,) * (in_dims - 1) + out_axes
+    last = kernel_shape[in_dims - 1]
+    groups = last // math.gcd(last, GROUP_SIZE)
+    return (kernel_shape[: in_dims - 1] + (groups,) + out_shape,
+            kernel_axes[: in_dims - 1] + ("quant_groups",) + out_axes)
+
+
+def _tiles(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[int, ...]:
+    if len(shape) != len(scale_shape) or any(s < 1 or n % s for n, s in zip(shape, scale_shape, strict=True)):
+        raise ValueError(f"scale shape {tuple(scale_shape)} does not tile array shape {tuple(shape)}")
+    return tuple(n // s for n, s in zip(shape, scale_shape, strict=True))
+
+
+def _split(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[int, ...]:
+    """`shape` with every axis n split into (scale size, tile size): `[s0, t0, s1, t1, ...]`."""
+    return tuple(d for s, t in zip(scale_shape, _tiles(shape, scale_shape), strict=True) for d in (s, t))
+
+
+def quantize_array(w, scale_shape: Sequence[int], mode: str, xp=np):
+    """`(q, scale)` of `w` (any float dtype) with `scale` of `scale_shape` (float32); `xp` is
+    numpy (host) or jax.numpy (under jit). |w - dequantize(q, scale)| <= scale / 2 everywhere."""
+    qmax = 127 if mode == "int8" else 7
+    split = _split(w.shape, scale_shape)
+    tile_axes = tuple(range(1, len(split), 2))
+    w32 = w.astype(np.float32).reshape(split)
+    absmax = xp.max(xp.abs(w32), axis=tile_axes, keepdims=True)
+    scale = absmax / np.float32(qmax + 0.5)
+    # An all-zero tile keeps scale 1 (as qwix): its values quantize to 0 either way.
+    scale = xp.where(scale < np.sqrt(np.finfo(np.float32).tiny), np.float32(1), scale).astype(np.float32)
+    q = xp.clip(xp.round(w32 / scale), -qmax - 1, qmax).astype(qdtype(mode))
+    return q.reshape(w.shape), scale.reshape(tuple(scale_shape))
+
+
+def dequantize(q, scale, dtype=jnp.float32):
+    """`q * scale` (scale broadcast over its tiles) in `dtype`, as jax arrays."""
+    split = _split(q.shape, scale.shape)
+    w = q.astype(jnp.float32).reshape(split) * jnp.expand_dims(scale, tuple(range(1, len(split), 2)))
+    return w.reshape(q.shape).astype(dtype)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether this Linear runs quantized: its params hold `kernel_q`, or it is being initialised
+    inside `quantized_init`."""
+    if module.has_variable("params", "kernel_q"):
+        return True
+    return module.is_initializing() and _INIT_MODE.get() is not None
+
+
+def quantized_kernel(module: nn.Module, kernel_shape: tuple[int, ...], kernel_axes: Sequence[str | None],
+                     in_dims: int, kernel_init, dtype) -> jax.Array:
+    """Declares `kernel_q`/`kernel_scale` on `module` (a Linear) and returns the kernel
+    dequantized to `dtype`, for the Linear's own matmul. A fresh init quantizes a fresh kernel."""
+    if module.has_variable("params", "kernel"):
+        raise ValueError(f"{module.name}: params hold both 'kernel' and 'kernel_q'")
+    existing = module.has_variable("params", "kernel_q")
+    mode = mode_of(module.get_variable("params", "kernel_q")) if existing else _INIT_MODE.get()
+    scale_shape, scale_axes = scale_layout(kernel_shape, kernel_axes, in_dims, mode)
+
+    # Both params come from one fresh kernel, so both inits take the same key (the rng flax hands
+    # each init is its own); with existing params flax only traces them for a shape check.
+    def fresh(_, key, which):
+        return quantize_array(kernel_init(key, kernel_shape, jnp.float32), scale_shape, mode, xp=jnp)[which]
+
+    key = jax.random.key(0) if existing else module.make_rng("params")
+    q = module.param("kernel_q", nn.with_logical_partitioning(fresh, tuple(kernel_axes)), key, 0)
+    scale = module.param("kernel_scale", nn.with_logical_partitioning(fresh, scale_axes), key, 1)
+    if q.shape != kernel_shape or q.dtype != qdtype(mode) or scale.shape != scale_shape:
+        raise ValueError(f"{module.name}: quantized params kernel_q {q.shape} {q.dtype} / kernel_scale "
+                         f"{scale.shape} do not fit a {mode} kernel {kernel_shape} (scale {scale_shape})")
+    return dequantize(q, scale, dtype)
