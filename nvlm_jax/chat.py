@@ -37,6 +37,8 @@ def define_flags() -> None:
     flags.DEFINE_string("question", None, "The question (required unless --interactive).")
     flags.DEFINE_bool("interactive", False, "Keep asking questions from stdin, with history.")
     flags.DEFINE_string("dtype", "bfloat16", "Dtype to load and run the model in.")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantized Linear kernels (a folder "
+                      "converted with --quantize runs quantized without it).")
     flags.DEFINE_integer("max_new_tokens", 512, "Longest answer, in tokens.")
     flags.DEFINE_bool("do_sample", False, "Sample instead of greedy decoding.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
@@ -98,7 +100,8 @@ def main(argv: Sequence[str]) -> None:
     elif jax.device_count() > 1:
         mesh = choose_mesh(read_config(located.path, step), jax.device_count())
     try:
-        model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step)
+        model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step,
+                                          quantize=FLAGS.quantize)
     except ValueError as e:  # a damaged checkpoint or tokenizer: named by the loader, one line here
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -69,6 +69,8 @@ def define_flags() -> None:
     flags.DEFINE_string("dtype", "bfloat16", "Stored dtype of converted params (import/assembly); export: "
                         "stored dtype of the safetensors (default: the params' own).")
     flags.DEFINE_bool("drop_dummy_heads", False, "Import: slice the (verified zero) dummy ViT heads away.")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Import: store the Linear kernels quantized (weight-only "
+                      "int8 per output channel / int4 per 128 inputs), quantized while streaming; loads as stored.")
     flags.DEFINE_integer("vit_dummy_heads", None, "Assembly: zero heads to pad the ViT with (default 0); "
                          "export: dummy heads to store (default: as in the params).")
     flags.DEFINE_enum("arch", "D", ["D", "X", "H"], "Assembly: the NVLM architecture to build.")
@@ -122,6 +124,10 @@ def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
         return None, 0
     if sum(modes) != 1 or not FLAGS.out_dir:
         raise cli.UserError("give --out_dir and exactly one of: --hf_dir, --export_from, --vit_dir + --llm_dir")
+    if FLAGS.quantize and not FLAGS.hf_dir:
+        raise cli.UserError("--quantize applies to --hf_dir imports")
+    if FLAGS.quantize and FLAGS.mesh:
+        raise cli.UserError("--quantize streams through one host: drop --mesh (the folder restores onto any mesh)")
     if FLAGS.mesh and FLAGS.export_from:
         raise cli.UserError("--mesh applies to --hf_dir and --vit_dir/--llm_dir, not to --export_from")
     if (FLAGS.vit_dir or FLAGS.llm_dir) and not (FLAGS.vit_dir and FLAGS.llm_dir):
@@ -181,7 +187,8 @@ def main(argv: Sequence[str]) -> None:
                   f"blocks; peak RSS {_peak_rss_bytes()} bytes", flush=True)
         elif FLAGS.hf_dir:
             out = convert(FLAGS.hf_dir, FLAGS.out_dir, dtype=FLAGS.dtype, drop_dummy_heads=FLAGS.drop_dummy_heads,
-                          overwrite=FLAGS.overwrite, progress=FLAGS.progress, check_finite=FLAGS.check_finite)
+                          overwrite=FLAGS.overwrite, progress=FLAGS.progress, check_finite=FLAGS.check_finite,
+                          quantize=FLAGS.quantize)
         elif FLAGS.export_from:
             dtype = FLAGS.dtype if FLAGS["dtype"].present else None
             out = export_checkpoint(FLAGS.export_from, FLAGS.out_dir, step=parse_step(FLAGS.step), dtype=dtype,

@@ -38,6 +38,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_new_tokens", 0, "Longest answer in tokens (0: the task's default).")
     flags.DEFINE_integer("limit", 0, "Evaluate the first N samples only (synthetic: draw N; default 100).")
     flags.DEFINE_string("dtype", None, "Params/compute dtype (default: the checkpoint's own).")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantized Linear kernels.")
     flags.DEFINE_integer("seed", 0, "Synthetic tasks: the data seed (the training data's seed by default).")
     flags.DEFINE_integer("tensor_parallel", 0, "Devices on the mesh's tensor axis (rest on fsdp); 0 = automatic "
                          "when there are several devices.")
@@ -88,7 +89,7 @@ def main(argv: Sequence[str]) -> None:
 
     enable_compilation_cache()
     step = located.step if located.kind == "workdir" else "latest"
-    model = runner.load_model(located.path, FLAGS.dtype, _mesh(located), step=step)
+    model = runner.load_model(located.path, FLAGS.dtype, _mesh(located), step=step, quantize=FLAGS.quantize)
     summary = runner.run(
         FLAGS.checkpoint, FLAGS.task, FLAGS.data, FLAGS.out_dir, model_name=FLAGS.model_name,
         batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens, limit=FLAGS.limit, dtype=FLAGS.dtype,

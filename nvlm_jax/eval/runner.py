@@ -58,14 +58,16 @@ AnswerFn = Callable[[Sequence[str], Sequence[Sequence[Any]]], list[str]]
 # ---- loading a model -------------------------------------------------------------------------------
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None, mesh=None, step: int | str = "latest"):
-    """`nvlm_jax.load_pretrained(path, dtype, mesh, step=step)` (see the module docstring).
+def load_model(path: str | os.PathLike, dtype: str | None = None, mesh=None, step: int | str = "latest",
+               quantize: str | None = None):
+    """`nvlm_jax.load_pretrained(path, dtype, mesh, step=step, quantize=quantize)` (see the module
+    docstring).
 
     dtype: the params and compute dtype; None = the checkpoint's own (`param_dtype` of its
     config; bfloat16 for a Hugging Face folder)."""
     import nvlm_jax
 
-    return nvlm_jax.load_pretrained(path, dtype=dtype, mesh=mesh, step=step)
+    return nvlm_jax.load_pretrained(path, dtype=dtype, mesh=mesh, step=step, quantize=quantize)
 
 
 # ---- answering -------------------------------------------------------------------------------------
