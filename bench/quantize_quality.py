@@ -49,19 +49,19 @@ def main() -> None:
     ref_answers = [base.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
     report = {"checkpoint": a.checkpoint, "examples": len(examples),
               "positions": int(sum(r.shape[0] for r in ref)),
-              "float32": {"exact_match": float(np.mean([r == ex.answer for r, ex in zip(ref_answers, examples)]))},
+              "float32": {"exact_match": float(np.mean([r == ex.answer for r, ex in zip(ref_answers, examples, strict=True)]))},
               "logit_abs_max": float(max(np.abs(r).max() for r in ref))}
     for mode in ("int8", "int4"):
         model = nvlm_jax.load_pretrained(a.checkpoint, dtype="float32", quantize=mode)
         got = [np.asarray(model.forward(ids, px))[0] for ids, px in data]
-        agree = np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, ref)])
-        err = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref)])
+        agree = np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, ref, strict=True)])
+        err = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref, strict=True)])
         answers = [model.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
         report[mode] = {
             "top1_agreement": float(agree.mean()), "logit_err_max": float(err.max()),
             "logit_err_mean": float(err.mean()),
-            "greedy_same_as_float": float(np.mean([x == y for x, y in zip(answers, ref_answers)])),
-            "exact_match": float(np.mean([x == ex.answer for x, ex in zip(answers, examples)])),
+            "greedy_same_as_float": float(np.mean([x == y for x, y in zip(answers, ref_answers, strict=True)])),
+            "exact_match": float(np.mean([x == ex.answer for x, ex in zip(answers, examples, strict=True)])),
         }
     print(json.dumps(report, indent=1))
 
