@@ -49,7 +49,8 @@ def main() -> None:
     ref_answers = [base.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
     report = {"checkpoint": a.checkpoint, "examples": len(examples),
               "positions": int(sum(r.shape[0] for r in ref)),
-              "float32": {"exact_match": float(np.mean([r == ex.answer for r, ex in zip(ref_answers, examples, strict=True)]))},
+              "float32": {"exact_match": float(np.mean([r == ex.answer
+                                                        for r, ex in zip(ref_answers, examples, strict=True)]))},
               "logit_abs_max": float(max(np.abs(r).max() for r in ref))}
     for mode in ("int8", "int4"):
         model = nvlm_jax.load_pretrained(a.checkpoint, dtype="float32", quantize=mode)
