@@ -136,12 +136,20 @@ def read_info(path: str | os.PathLike | Located, step: Step = "latest") -> Check
     return CheckpointInfo(loc, cfg, run_prompt_format(run, cfg, where), tokenizer_spec(run), run)
 
 
-def tokenizer_spec(run_config: Mapping[str, Any]) -> str | None:
-    """A run's tokenizer spec: `tokenizer` ("tiny" or a folder), else its init checkpoint's."""
+def tokenizer_spec(run_config: Mapping[str, Any], _depth: int = 0) -> str | None:
+    """A run's tokenizer spec: `tokenizer` ("tiny" or a folder), else its init checkpoint's: for
+    a run initialised from another run (a fine-tune), that run's spec; otherwise the folder."""
     spec = run_config.get("tokenizer") or ""
     if not spec:
         init = run_config.get("init") or {}
         spec = init.get("checkpoint") or ""
+        if spec and _depth < 8:  # a chain of fine-tunes; the bound stops a run that names itself
+            try:
+                loc = locate(spec)
+            except (ValueError, OSError):
+                return spec
+            if loc.kind in ("workdir", "step"):
+                return tokenizer_spec(read_run_config(loc.step_dir), _depth + 1)
     return spec or None
 
 

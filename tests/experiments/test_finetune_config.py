@@ -101,5 +101,7 @@ def test_train_py_fine_tunes_a_checkpoint_on_the_shipped_example(tmp_path):
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
     final = [r for r in records if "eval/exact_match/eval" in r]
     assert final and 0.0 <= final[-1]["eval/exact_match/eval"] <= 1.0 and final[-1]["eval/loss"] > 0
-    saved = restore.read_info(workdir).run_config
+    info = restore.read_info(workdir)
+    assert info.tokenizer == "tiny"  # the init run's: chat and eval load the fine-tuned run as it is
+    saved = info.run_config
     assert saved["data"]["train"] == str(DATA / "train.jsonl") and saved["data"]["kind"] == "files"
