@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -392,6 +392,75 @@ class NVLMModel:
         if return_history:
             return answer, list(history or []) + [(question, answer)]
         return answer
+
+    def stream_chat(
+        self,
+        images,
+        question: str,
+        history: Sequence[tuple[str, str]] | None = None,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        *,
+        system_message: Any = FROM_FORMAT,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        engine: Any = None,
+    ) -> Iterator[str]:
+        """`chat`'s answer as it is produced: yields text pieces whose concatenation is the
+        answer (before `chat`'s final strip), ending at `<|im_end|>`, at the first of the `stop`
+        strings (not included) or after `max_new_tokens`. Arguments as `chat`.
+
+        Runs on `engine` (a started `nvlm_jax.serve.engine.Engine` of this model, e.g. a
+        server's, sharing its slots) or else on the model's own (continuous batching over the
+        same decoder as `generate`; created on first use with one slot and kept), so several
+        threads may stream at once. Leaving the loop early frees the request's slot.
+        """
+        from nvlm_jax.serve.engine import Delta, EngineRequest, Failed, ImageInput, RequestSampling
+        from nvlm_jax.serve.image_cache import content_key
+
+        special = self._require_tokenizer()
+        inputs = self.prepare_chat(images, question, history, system_message=system_message)
+        pixels, images_in = inputs.pixel_values, []
+        for count in inputs.prompt.num_tiles:
+            tiles, pixels = pixels[:count], pixels[count:]
+            images_in.append(ImageInput(content_key(np.ascontiguousarray(tiles).tobytes()), tiles))
+        cross = inputs.cross_ids
+        request = EngineRequest(
+            input_ids=inputs.input_ids, images=tuple(images_in),
+            token_image=None if cross is None else cross.token_image,
+            token_tile=None if cross is None else cross.token_tile,
+            tile_image=None if cross is None else cross.tile_image, max_tokens=max_new_tokens,
+            sampling=RequestSampling(temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                                     seed=seed),
+            stop=tuple(stop), stop_token_ids=(special.im_end,))
+        engine = engine or self._stream_engine(inputs.input_ids.size + max_new_tokens)
+        handle = engine.submit(request)
+        try:
+            for event in handle:
+                if isinstance(event, Delta):
+                    yield event.text
+                elif isinstance(event, Failed):
+                    raise ValueError(event.message)
+        finally:
+            handle.cancel()
+
+    def _stream_engine(self, length: int):
+        """The engine of `stream_chat`, rebuilt larger when a request needs more context."""
+        from nvlm_jax.serve.engine import Engine
+
+        limit = self.config.llm.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"prompt + max_new_tokens ({length} tokens) exceeds max_position_embeddings {limit}")
+        engine = getattr(self, "_engine", None)
+        if engine is None or engine.max_len < length:
+            if engine is not None:
+                engine.stop()
+            self._engine = Engine(self, max_batch=1, max_len=min(limit, max(1024, 1 << (length - 1).bit_length())))
+            self._engine.start()
+        return self._engine
 
 
 def read_config(path: str | os.PathLike, step: folders.Step = "latest") -> NVLMConfig:

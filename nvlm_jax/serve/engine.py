@@ -2,7 +2,7 @@
 
 The engine owns `max_batch` decode slots and one KV cache `[layers, max_batch, max_len, ...]`.
 A request joins at any step: its prompt is prefilled alone (`prefill_step`, prompt padded on the
-right to a power-of-two bucket of at least 64, so a few programs serve every length) into a
+right to a power-of-two bucket of at least 64, so a few programs serve every prompt) into a
 small cache that is copied into a free slot's row, and its first token is sampled there. Every
 step then runs `decode_step` for all slots at once: each slot feeds its last token at its own
 position, which is also the cache column it writes (prompts start at column 0), so a slot's
@@ -13,12 +13,12 @@ cancelled (a client that went away), freeing its slot for the next waiting reque
 
 Nothing recompiles between requests: the decode program has one shape; sampling settings
 (temperature, top-k, top-p, seed, repetition/frequency/presence penalties) are per-slot runtime
-arrays (`sample_logits`, `apply_penalties`); prefill programs exist per (prompt bucket, tile
-bucket). Images are encoded once per distinct picture (`ImageFeatureCache`, keyed by content
-hash) and the prefill builds the prompt's image context from the cached projected tokens; for
-NVLM-X/H the cross-attention memory of each slot (a fixed number of tile slots,
-`max_images · (max_tiles + 1)` rounded up to a power of two) stays on the device for its decode
-steps.
+arrays (`sample_logits`, `apply_penalties`); prefill programs exist per prompt bucket. Images
+are encoded once per distinct picture (`ImageFeatureCache`, keyed by content hash; the ViT runs
+per tile-count bucket) and the prefill builds the prompt's image context from the cached
+projected tokens in a fixed number of tile slots (`max_images · (max_tiles + 1)` rounded up to a power of two; unused
+slots are invalid); for NVLM-X/H each slot's cross-attention memory stays on the device for its
+decode steps.
 
 Requests are served by a background thread (`start`); results arrive as events on the
 request's `Handle` (`Delta` text pieces, then one `Finished` or `Failed`).
@@ -214,13 +214,11 @@ def _prefill(params, state, slot, ids, length, features, tile_valid, tile_image,
     p = ids.shape[1]
     real = jnp.arange(p)[None] < length
     positions, segments = jnp.broadcast_to(jnp.arange(p), (1, p)), real.astype(jnp.int32)
-    images, context = {}, None
-    if features is not None:
-        context = model.apply(variables, ids, None, tile_valid, tile_image, token_tile, features=features,
-                              method=NVLM.encode)
-        images = dict(image_context=context)
-        if cfg.arch in ("X", "H"):
-            images.update(token_image=token_image, token_tile=token_tile)
+    context = model.apply(variables, ids, None, tile_valid, tile_image, token_tile, features=features,
+                          method=NVLM.encode)
+    images = dict(image_context=context)
+    if cfg.arch in ("X", "H"):
+        images.update(token_image=token_image, token_tile=token_tile)
     cache = init_cache(cfg.llm, 1, p, jnp.dtype(cfg.dtype))
     logits, cache = prefill_step(model, variables, ids, positions, segments, jnp.reshape(length - 1, (1,)), images,
                                  cache)
@@ -406,10 +404,9 @@ class Engine:
         return jnp.zeros((1, tiles, c.num_image_tokens, c.llm.hidden_size), jnp.dtype(c.dtype))
 
     def _features(self, request: EngineRequest):
-        """(features [1, T, n, E], tile_valid [1, T], tile_image [1, T]) of the prompt's tiles,
-        each image's projected tokens taken from the cache or computed once; None for a D
-        prompt without images."""
-        cross = self.cfg.arch in ("X", "H")
+        """(features [1, T, n, E], tile_valid [1, T], tile_image [1, T]) of the prompt's tiles
+        in `T = memory_tiles` slots (one prefill program per prompt bucket, whatever the
+        images), each image's projected tokens taken from the cache or computed once."""
         per_image, counts = [], []
         for image in request.images:
             feats = self.images.get(image.key)
@@ -426,9 +423,7 @@ class Engine:
             per_image.append(feats)
             counts.append(int(feats.shape[0]))
         total = sum(counts)
-        if not cross and total == 0:
-            return None
-        t = self.memory_tiles if cross else tile_bucket(total)
+        t = self.memory_tiles
         if total > t:
             raise ValueError(f"the prompt's images have {total} tiles; at most {t} fit")
         features = self._no_features(t)
@@ -444,15 +439,11 @@ class Engine:
         ids = np.asarray(request.input_ids, np.int32)
         n = ids.size
         p = min(max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length()), self.max_len)
-        images = self._features(request)
-        if images is not None:
-            valid, tile_image = images[1], images[2]
-            in_decoder = int(valid.sum()) if cfg.arch == "D" else 0
-            if cfg.arch == "H":
-                in_decoder = int(np.asarray(thumbnail_slots(jnp.asarray(valid), jnp.asarray(tile_image))).sum())
-            check_image_token_count(cfg, ids, in_decoder)
-        elif cfg.arch == "D":
-            check_image_token_count(cfg, ids, 0)
+        features, valid, tile_image = self._features(request)
+        in_decoder = int(valid.sum()) if cfg.arch == "D" else 0
+        if cfg.arch == "H":
+            in_decoder = int(np.asarray(thumbnail_slots(jnp.asarray(valid), jnp.asarray(tile_image))).sum())
+        check_image_token_count(cfg, ids, in_decoder)
         row_ids = np.zeros((1, p), np.int32)
         row_ids[0, :n] = ids
         token_image = token_tile = None
@@ -463,7 +454,6 @@ class Engine:
         seed = int(self._rng.integers(2**32)) if s.seed is None else s.seed
         entry = _Slot(handle, position=n, last=-1, sampling=s, seed=seed)
         rows = self._rows([entry], steps=[0])
-        features, valid, tile_image = images if images is not None else (None, None, None)
         with mesh_context(self.model.mesh, self.model.rules):
             token, self._state = _prefill(self.model.params, self._state, np.int32(slot), row_ids, np.int32(n),
                                           features, valid, tile_image, token_image, token_tile, rows, cfg=cfg)

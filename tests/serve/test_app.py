@@ -22,13 +22,13 @@ MAX_LEN = 512
 def server(tmp_path_factory):
     model = nvlm_jax.load_pretrained(hc.tiny_converted(), dtype="float32")
     root = tmp_path_factory.mktemp("images")
-    image(60, 30, seed=3).save(root / "local.png")
+    image(60, 30, seed=3).save(root / "local.png")  # PNG is lossless: the same pixels as image(seed=3)
     (root.parent / "outside.png").write_bytes(png_bytes(image(40, 40)))
     engine = Engine(model, max_batch=4, max_len=MAX_LEN).start()
     limits = Limits(max_image_pixels=100 * 100, limit_images_per_prompt=2, image_root=str(root))
     with serving(engine, limits) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        yield model, client, base, root
+        yield model, client, base, root, engine
     engine.stop()
 
 
@@ -45,7 +45,7 @@ def _greedy_tokens(model, images, question, max_new_tokens):
 
 
 def test_plain_chat_equals_model_chat_token_for_token(server):
-    model, client, base, _ = server
+    model, client, base, _, _ = server
     question = "What is this?"
     out = _ask(client, question, max_tokens=8)
     want = _greedy_tokens(model, None, question, 8)
@@ -58,25 +58,30 @@ def test_plain_chat_equals_model_chat_token_for_token(server):
 
 
 def test_images_as_data_urls_and_files_equal_model_chat_and_are_encoded_once(server):
-    model, client, base, _ = server
-    a, b = image(60, 30, seed=1), image(60, 30, seed=2)
+    model, client, base, _, _ = server
+    a, b, c = image(60, 30, seed=1), image(60, 30, seed=2), image(60, 30, seed=3)
+    prompts = [(a, "Describe it."), ([a, b], "Compare."), (c, "Describe it.")]
+    # `model.chat`'s answers: its decoding of `generate`'s tokens (one batched call here).
+    special = get_special_tokens(model.tokenizer)
+    tokens = model.generate([model.prepare_chat(*p) for p in prompts], max_new_tokens=8)
+    wants = [model.tokenizer.decode(cut_at_stop(t, (special.im_end,))[0].tolist(), skip_special_tokens=True)
+             for t in tokens]
     one = _ask(client, [image_part(data_url(a)), {"type": "text", "text": "Describe it."}], max_tokens=8)
-    assert one.choices[0].message.content.strip() == model.chat(a, "Describe it.", max_new_tokens=8)
+    assert one.choices[0].message.content == wants[0]
     before = metrics(base)
     two = _ask(client, [image_part(data_url(a)), image_part(data_url(b)), {"type": "text", "text": "Compare."}],
                max_tokens=8)
-    assert two.choices[0].message.content.strip() == model.chat([a, b], "Compare.", max_new_tokens=8)
+    assert two.choices[0].message.content == wants[1]
     after = metrics(base)
     # `a` again: a cache hit, only `b` is encoded.
     assert after["nvlm_images_encoded"] - before["nvlm_images_encoded"] == 1
     assert after["nvlm_image_cache_hits"] - before["nvlm_image_cache_hits"] == 1
     local = _ask(client, [image_part("local.png"), {"type": "text", "text": "Describe it."}], max_tokens=8)
-    assert local.choices[0].message.content.strip() == model.chat(image(60, 30, seed=3), "Describe it.",
-                                                                    max_new_tokens=8)
+    assert local.choices[0].message.content == wants[2]
 
 
 def test_streaming_chunks_join_to_the_answer(server):
-    _, client, _, _ = server
+    _, client, _, _, _ = server
     content = [image_part(data_url(image(60, 30, seed=1))), {"type": "text", "text": "Describe it."}]
     full = _ask(client, content, max_tokens=8)
     chunks = list(_ask(client, content, max_tokens=8, stream=True, stream_options={"include_usage": True}))
@@ -89,7 +94,7 @@ def test_streaming_chunks_join_to_the_answer(server):
 
 
 def test_stop_strings_end_the_answer_before_them(server):
-    _, client, _, _ = server
+    _, client, _, _, _ = server
     full = _ask(client, "Tell me more.", max_tokens=16).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = full[: full.find(stop)]
@@ -101,7 +106,7 @@ def test_stop_strings_end_the_answer_before_them(server):
 
 
 def test_sampling_settings_are_runtime_values(server):
-    model, client, _, _ = server
+    model, client, _, _, _ = server
     hot = dict(temperature=1.5, top_p=0.9, max_tokens=8)
     a = _ask(client, "Hello.", seed=3, **hot).choices[0].message.content
     assert _ask(client, "Hello.", seed=3, **hot).choices[0].message.content == a
@@ -142,7 +147,7 @@ def _image_request(*urls):
     (None, {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be"),
 ])
 def test_malformed_requests_get_a_4xx_with_one_line_reason(server, body, changes, status, reason):
-    _, client, base, _ = server
+    _, client, base, _, _ = server
     code, text = _bad(base, body, **changes)
     error = json.loads(text)["error"]
     assert code == status and reason in error["message"] and "\n" not in error["message"], (code, text)
@@ -150,7 +155,7 @@ def test_malformed_requests_get_a_4xx_with_one_line_reason(server, body, changes
 
 
 def test_the_openai_client_sees_refusals_as_its_errors(server):
-    _, client, _, _ = server
+    _, client, _, _, _ = server
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -158,7 +163,7 @@ def test_the_openai_client_sees_refusals_as_its_errors(server):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
-    _, client, base, _ = server
+    _, client, base, _, _ = server
     before = metrics(base)
     stream = _ask(client, "Tell me a long story.", max_tokens=MAX_LEN - 64, stream=True)
     for _, chunk in zip(range(3), stream, strict=False):
@@ -177,9 +182,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 
 
 def test_sixteen_concurrent_clients_finish_without_errors_or_leaked_slots(server):
-    model, client, base, _ = server
+    _, client, base, _, _ = server
     pictures = [data_url(image(60, 30, seed=10 + i)) for i in range(4)]
-    want = model.chat(image(60, 30, seed=10), "What is it?", max_new_tokens=8)
+    alone = _ask(client, [image_part(pictures[0]), {"type": "text", "text": "What is it?"}], max_tokens=8)
 
     def one_client(i):
         answers = []
@@ -197,6 +202,22 @@ def test_sixteen_concurrent_clients_finish_without_errors_or_leaked_slots(server
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = [a for answers in pool.map(one_client, range(16)) for a in answers]
     assert len(results) == 48 and time.monotonic() - start < 60
-    assert {text.strip() for text, picture in results if picture == 0} == {want}  # batching changes nothing
+    # Batching changes nothing: every answer about picture 0 is the one it got alone.
+    assert {text for text, picture in results if picture == 0} == {alone.choices[0].message.content}
     now = metrics(base)
     assert now["nvlm_running"] == 0 and now["nvlm_waiting"] == 0
+
+
+def test_stream_chat_streams_the_servers_answer_on_its_engine(server):
+    model, client, _, _, engine = server
+    picture = image(60, 30, seed=1)
+    pieces = list(model.stream_chat(picture, "Describe it.", max_new_tokens=8, engine=engine))
+    answer = "".join(pieces)
+    served = _ask(client, [image_part(data_url(picture)), {"type": "text", "text": "Describe it."}], max_tokens=8)
+    assert len(pieces) > 1 and answer == served.choices[0].message.content  # = model.chat's (tested above)
+    stop = answer.strip()[2:4]
+    cut = "".join(model.stream_chat(picture, "Describe it.", max_new_tokens=8, stop=[stop], engine=engine))
+    assert cut == answer[: answer.find(stop)]
+    hot = dict(do_sample=True, temperature=1.3, top_k=20, seed=5, engine=engine)
+    assert "".join(model.stream_chat(None, "Hi", max_new_tokens=8, **hot)) == "".join(
+        model.stream_chat(None, "Hi", max_new_tokens=8, **hot))

@@ -1,0 +1,103 @@
+"""Continuous batching: requests that join while others decode answer exactly as `generate`
+does (NVLM-X and H here, D in test_app.py), and X/H through the real `openai` client."""
+
+import jax
+import numpy as np
+import openai
+import pytest
+from flax import linen as nn
+
+import nvlm_jax
+from nvlm_jax import config
+from nvlm_jax.data.pipeline import config_for_tokenizer
+from nvlm_jax.generate import cut_at_stop
+from nvlm_jax.models import nvlm as nvlm_model
+from nvlm_jax.processing import get_special_tokens, load_tokenizer, make_tiny_tokenizer
+from nvlm_jax.serve.engine import Delta, Engine, EngineRequest, Finished, ImageInput, RequestSampling
+from nvlm_jax.serve.image_cache import content_key
+from tests.serve.server import data_url, image, image_part, serving
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def _xh_model(arch, tokenizer):
+    """A random tiny model, drawn on the host (compiling `init_params` costs ~15 s on CPU): norm
+    scales 1, other weights N(0, 0.2), cross-attention gates 0.5 (so the images matter)."""
+    cfg = config_for_tokenizer(config.tiny(arch), tokenizer)
+    rng = np.random.default_rng(1)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("attn_gate", "ffn_gate"):
+            return np.full(leaf.shape, 0.5, leaf.dtype)
+        if name in ("scale", "q_norm", "k_norm"):
+            return np.ones(leaf.shape, leaf.dtype)
+        return rng.normal(0, 0.2, leaf.shape).astype(leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(nvlm_model.abstract_params(cfg)))
+    return nvlm_jax.NVLMModel(cfg, jax.device_put(params), tokenizer)
+
+
+def _requests(model, prompts):
+    """Engine requests of (images, question) prompts, and the answer tokens `generate` gives
+    them (one batched call, cut at <|im_end|>)."""
+    special = get_special_tokens(model.tokenizer)
+    inputs = [model.prepare_chat(images, question) for images, question in prompts]
+    wants = model.generate(inputs, max_new_tokens=STEPS)
+    cases = []
+    for row, want in zip(inputs, wants, strict=True):
+        pixels, parts = row.pixel_values, []
+        for count in row.prompt.num_tiles:
+            tiles, pixels = pixels[:count], pixels[count:]
+            parts.append(ImageInput(content_key(tiles.tobytes()), tiles))
+        cross = row.cross_ids
+        ids = {} if cross is None else dict(token_image=cross.token_image, token_tile=cross.token_tile,
+                                            tile_image=cross.tile_image)
+        request = EngineRequest(row.input_ids, tuple(parts), max_tokens=STEPS, stop_token_ids=(special.im_end,), **ids)
+        cases.append((request, cut_at_stop(want, (special.im_end,))[0]))
+    return cases
+
+
+@pytest.mark.parametrize("arch", ["X", "H"])  # D: tests/serve/test_app.py
+def test_requests_joining_busy_slots_answer_as_generate_alone(arch, tokenizer):
+    model = _xh_model(arch, tokenizer)
+    a, b = image(60, 30, seed=1), image(60, 30, seed=2)
+    cases = _requests(model, [([a, b], "Compare them."), (None, "Hello there."), (a, "What is it?")])
+    engine = Engine(model, max_batch=2, max_len=256, max_images=2).start()
+    try:
+        # Two slots, three requests: the third joins when one of the first two leaves.
+        handles = [engine.submit(request) for request, _ in cases]
+        for handle, (_, want) in zip(handles, cases, strict=True):
+            events = list(handle)
+            done = events[-1]
+            assert isinstance(done, Finished), done
+            np.testing.assert_array_equal(done.token_ids, want)
+            assert "".join(e.text for e in events if isinstance(e, Delta)) == done.text
+        assert engine.metrics()["running"] == 0
+        assert engine.metrics()["images_encoded"] == 2  # `a` once for two requests
+        # The same engine behind the HTTP server, asked with the real client.
+        with serving(engine) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+            content = [image_part(data_url(a)), image_part(data_url(b)), {"type": "text", "text": "Compare them."}]
+            ask = dict(model="nvlm", messages=[{"role": "user", "content": content}], max_tokens=STEPS, temperature=0)
+            out = client.chat.completions.create(**ask)
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask,
+                                                                                                       stream=True))
+    finally:
+        engine.stop()
+    want = cases[0][1]
+    # `model.chat` returns exactly this decoding of `generate`'s tokens, stripped.
+    assert out.choices[0].message.content == model.tokenizer.decode(want.tolist(), skip_special_tokens=True)
+    assert out.usage.completion_tokens == want.size and streamed == out.choices[0].message.content
+
+
+def test_request_sampling_checks_its_ranges():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        RequestSampling(top_p=0)
+    with pytest.raises(ValueError, match="frequency_penalty must be in"):
+        RequestSampling(frequency_penalty=3)
