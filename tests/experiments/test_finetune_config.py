@@ -105,3 +105,23 @@ def test_train_py_fine_tunes_a_checkpoint_on_the_shipped_example(tmp_path):
     assert info.tokenizer == "tiny"  # the init run's: chat and eval load the fine-tuned run as it is
     saved = info.run_config
     assert saved["data"]["train"] == str(DATA / "train.jsonl") and saved["data"]["kind"] == "files"
+
+
+def test_the_readme_example_names_real_files_and_config_keys():
+    """README's "Fine-tune on your own data" block: every --config.KEY exists in the finetune
+    config and every repository path it names exists (the block itself was run by hand: see
+    BUILD_NOTES)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Fine-tune on your own data"):]
+    block = section[section.index("```bash\n") + 8:section.index("```", section.index("```bash\n") + 8)]
+    assert len(block.strip().splitlines()) == 5
+    c = _config()
+    keys = [arg.split("=")[0][len("--config."):] for arg in block.split() if arg.startswith("--config.")]
+    assert "init.checkpoint" in keys and "data.train" in keys and "data.eval" in keys and "data.image_root" in keys
+    for key in keys:
+        node = c
+        for part in key.split("."):
+            assert part in node, f"README sets --config.{key}, which the finetune config lacks"
+            node = node[part]
+    paths = [arg.split("=", 1)[1] for arg in block.split() if "=experiments/" in arg]
+    assert paths and all((ROOT / p).exists() for p in paths), paths
