@@ -32,12 +32,11 @@ import sys
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nvlm_jax import distributed  # noqa: E402
+from nvlm_jax import cli, distributed  # noqa: E402
 from nvlm_jax.train import launch  # noqa: E402
 
 distributed.define_flags()
@@ -51,8 +50,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    cli.quiet_logging()  # Orbax logs every save at INFO, and warns about its own layout
     logging.getLogger("nvlm_jax").setLevel(logging.INFO)
     distributed.initialize(distributed.from_flags())  # before anything touches a JAX backend
     result = launch.train(_CONFIG.value, _WORKDIR.value, console=not _QUIET.value)
