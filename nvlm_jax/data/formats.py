@@ -1,7 +1,8 @@
 """Record formats of user datasets -> the canonical record the parsers read.
 
 Canonical: `{"conversations": [{"from": role, "value": str}, ...], "images": [ref, ...]}`.
-Accepted record formats (`RECORD_FORMATS`; "auto" picks one per record from its keys):
+Accepted record formats (`RECORD_FORMATS`; "auto" picks one per record from its keys, and reads
+turns with content parts as messages under either key):
 
 * "llava": `{"image": ref | [refs], "conversations": [{"from": "human"|"gpt", "value": ...}]}`,
   `<image>` placeholders in the user turns.
@@ -96,6 +97,8 @@ def canonical_record(obj: Any, record_format: str = "auto") -> Any:
     if not isinstance(turns, Sequence) or isinstance(turns, (str, bytes)):
         return {"conversations": turns, "images": obj.get("images", obj.get("image"))}
     images = obj.get("images", obj.get("image"))
+    if record_format == "auto" and _has_parts(turns):
+        fmt = "messages"  # chat turns with content parts, under whichever key
     if fmt == "sharegpt":
         turns = [_sharegpt_turn(t) for t in turns]
         system = obj.get("system")
@@ -117,9 +120,13 @@ def _sharegpt_turn(turn: Any) -> Any:
     return turn
 
 
+def _has_parts(turns: Sequence[Any]) -> bool:
+    return any(isinstance(t, Mapping) and isinstance(t.get("content"), list) for t in turns)
+
+
 def _message_turns(turns: Sequence[Any], images: Any) -> tuple[list[Any], Any]:
     """Chat messages -> LLaVA turns, and the images in placeholder order when parts name them."""
-    if not any(isinstance(t, Mapping) and isinstance(t.get("content"), list) for t in turns):
+    if not _has_parts(turns):
         return list(turns), images  # string contents: LLaVA with other key names
     listed = [] if images is None else [images] if isinstance(images, (str, bytes)) else images
     if not isinstance(listed, Sequence):

@@ -87,6 +87,8 @@ def _containers(root):
         "messages_url": _messages({"type": "image_url", "image_url": {"url": "images/red.png"}}),
         "messages_file_url": _messages({"type": "image_url", "image_url": f"file://{root}/images/red.png"}),
         "messages_data_url": _messages({"type": "image_url", "image_url": {"url": data_url}}),
+        "conversations_with_parts": {"conversations": _messages({"type": "image"})["messages"],
+                                     "images": ["images/red.png"]},
         "messages_string": {"messages": [{"role": "user", "content": f"<image>\n{QUESTION}"},
                                          {"role": "assistant", "content": ANSWER}], "images": ["images/red.png"]},
     }
