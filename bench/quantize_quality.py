@@ -24,16 +24,48 @@ import nvlm_jax  # noqa: E402
 from nvlm_jax.data import synthetic  # noqa: E402
 
 
-def rows(model, examples):
-    """(input_ids [1, s], pixels) of prompt + answer + <|im_end|> for each example."""
-    out = []
+def batch(model, examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(input_ids [n, s], tiles [n, H, W, 3], valid [n, s])`: prompt + answer + <|im_end|> of
+    each example, right-padded (a causal model's earlier positions do not see the padding)."""
+    ids, tiles = [], []
     for ex in examples:
         inputs = model.prepare_chat([ex.image], ex.question)
         answer = model.tokenizer.encode(ex.answer + "<|im_end|>", add_special_tokens=False)
-        answer = np.asarray(getattr(answer, "ids", answer)).reshape(1, -1)
-        ids = np.concatenate([np.asarray(inputs.input_ids).reshape(1, -1), answer], axis=1)
-        out.append((ids, inputs.pixel_values))
-    return out
+        ids.append(np.concatenate([np.asarray(inputs.input_ids).ravel(), np.asarray(getattr(answer, "ids", answer))]))
+        tiles.append(np.asarray(inputs.pixel_values).reshape(-1, *np.shape(inputs.pixel_values)[-3:]))
+    length = max(len(x) for x in ids)
+    valid = np.asarray([[i < len(x) for i in range(length)] for x in ids])
+    padded = np.asarray([np.pad(x, (0, length - len(x))) for x in ids], np.int32)
+    return padded, np.concatenate(tiles), valid
+
+
+def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("int8", "int4"),
+            answers: bool = True) -> dict:
+    """The report (see module doc) of `checkpoint` over `samples` held-out examples per task;
+    `answers=False` skips the greedy answers (teacher-forced figures only)."""
+    base = nvlm_jax.load_pretrained(checkpoint, dtype="float32")
+    examples = [ex for t in tasks for ex in synthetic.heldout_examples(t, samples)]
+    ids, tiles, valid = batch(base, examples)
+    ref = np.asarray(base.forward(ids, tiles))[valid]  # [positions, vocab]
+    report = {"checkpoint": str(checkpoint), "examples": len(examples), "positions": int(valid.sum()),
+              "logit_abs_max": float(np.abs(ref).max())}
+    if answers:
+        ref_answers = [base.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
+        report["float32"] = {"exact_match": float(np.mean([r == ex.answer
+                                                           for r, ex in zip(ref_answers, examples, strict=True)]))}
+    for mode in modes:
+        model = nvlm_jax.load_pretrained(checkpoint, dtype="float32", quantize=mode)
+        got = np.asarray(model.forward(ids, tiles))[valid]
+        err = np.abs(got - ref)
+        report[mode] = {"top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+                        "logit_err_max": float(err.max()), "logit_err_mean": float(err.mean())}
+        if answers:
+            out = [model.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
+            report[mode]["greedy_same_as_float"] = float(np.mean([x == y for x, y in zip(out, ref_answers,
+                                                                                          strict=True)]))
+            report[mode]["exact_match"] = float(np.mean([x == ex.answer for x, ex in zip(out, examples,
+                                                                                          strict=True)]))
+    return report
 
 
 def main() -> None:
@@ -42,29 +74,7 @@ def main() -> None:
     p.add_argument("--tasks", default="colour,shape")
     p.add_argument("--samples", type=int, default=32, help="held-out examples per task")
     a = p.parse_args()
-    base = nvlm_jax.load_pretrained(a.checkpoint, dtype="float32")
-    examples = [ex for t in a.tasks.split(",") for ex in synthetic.heldout_examples(t, a.samples)]
-    data = rows(base, examples)
-    ref = [np.asarray(base.forward(ids, px))[0] for ids, px in data]
-    ref_answers = [base.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
-    report = {"checkpoint": a.checkpoint, "examples": len(examples),
-              "positions": int(sum(r.shape[0] for r in ref)),
-              "float32": {"exact_match": float(np.mean([r == ex.answer
-                                                        for r, ex in zip(ref_answers, examples, strict=True)]))},
-              "logit_abs_max": float(max(np.abs(r).max() for r in ref))}
-    for mode in ("int8", "int4"):
-        model = nvlm_jax.load_pretrained(a.checkpoint, dtype="float32", quantize=mode)
-        got = [np.asarray(model.forward(ids, px))[0] for ids, px in data]
-        agree = np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, ref, strict=True)])
-        err = np.concatenate([np.abs(g - r).ravel() for g, r in zip(got, ref, strict=True)])
-        answers = [model.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
-        report[mode] = {
-            "top1_agreement": float(agree.mean()), "logit_err_max": float(err.max()),
-            "logit_err_mean": float(err.mean()),
-            "greedy_same_as_float": float(np.mean([x == y for x, y in zip(answers, ref_answers, strict=True)])),
-            "exact_match": float(np.mean([x == ex.answer for x, ex in zip(answers, examples, strict=True)])),
-        }
-    print(json.dumps(report, indent=1))
+    print(json.dumps(quality(a.checkpoint, a.tasks.split(","), a.samples), indent=1))
 
 
 if __name__ == "__main__":

@@ -418,8 +418,8 @@ class NVLMModel:
         same decoder as `generate`; created on first use with one slot and kept), so several
         threads may stream at once. Leaving the loop early frees the request's slot.
         """
-        from nvlm_jax.serve.engine import Delta, EngineRequest, Failed, ImageInput, RequestSampling
         from nvlm_jax.serve.image_cache import content_key
+        from nvlm_jax.serve.protocol import Delta, EngineRequest, Failed, ImageInput, RequestSampling
 
         special = self._require_tokenizer()
         inputs = self.prepare_chat(images, question, history, system_message=system_message)
