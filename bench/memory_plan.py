@@ -4,7 +4,12 @@ AOT-compiles (lower + compile; nothing is allocated) the inference forward and a
 (AdamW, bf16 compute, f32 master weights and moments, remat) on simulated CPU devices, and prints
 XLA's memory analysis next to an analytic estimate. Run:
 
-    python bench/memory_plan.py [--archs D,X,H] [--meshes infer8,train64,train128]
+    python bench/memory_plan.py [--archs D,X,H] [--meshes infer8,train64,train128] [--lora sft8,lora8]
+
+The `--lora` rows compile the project's own training step (`nvlm_jax.train.step`: stage-2 SFT
+freezing, only trainable leaves get gradients and AdamW moments) for NVLM-D-72B on 8 devices:
+"sft8" full SFT (f32 master weights of the LLM and projector, the ViT frozen), "lora8" LoRA
+rank 64 on the LLM with the whole base frozen in bf16 and f32 adapters.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from flax import linen as nn  # noqa: E402
 from nvlm_jax import config as C  # noqa: E402
 from nvlm_jax.models import nvlm  # noqa: E402
 from nvlm_jax.sharding import DEFAULT_RULES, logical_sharding, make_mesh, tree_shardings  # noqa: E402
+from nvlm_jax.train import freeze, optim  # noqa: E402
+from nvlm_jax.train import step as train_step  # noqa: E402
 
 GIB = 1024**3
 # name: (devices, data, fsdp, tensor, training?, global batch)
@@ -112,6 +119,35 @@ def plan(arch: str, mesh_name: str):
                 fits_h100=total <= 80 * 1e9 / GIB, fits_v5p=total <= 95 * 1e9 / GIB)
 
 
+# name: (devices, data, fsdp, tensor, LoRA rank or 0 for full SFT, global batch)
+LORA_MESHES = {"sft8": (8, 1, 1, 8, 0, 1), "lora8": (8, 1, 1, 8, 64, 1)}
+
+
+def plan_lora(name: str):
+    """The D-72B SFT step of `nvlm_jax.train.step` on 8 devices, full or LoRA (see module doc)."""
+    devices, data, fsdp, tensor, rank, batch = LORA_MESHES[name]
+    mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:devices])
+    cfg = C.nvlm_d_72b().replace(dtype="bfloat16", param_dtype="bfloat16" if rank else "float32",
+                                 remat_policy="full", lora=C.LoraConfig(rank=rank, alpha=2.0 * rank))
+    optimizer = optim.make_optimizer(optim.OptimConfig(mu_dtype="float32"))
+    shapes = train_step.param_shapes(cfg)
+    mask = freeze.trainable_mask(shapes, "D", "sft")
+    _, state = train_step.train_state_shardings(cfg, optimizer, mask, mesh)
+    fn = jax.jit(train_step.make_train_step(cfg, optimizer, mask), donate_argnums=0)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        compiled = fn.lower(state, abstract_batch(cfg, batch, mesh)).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes) / GIB
+    trainable, _ = freeze.partition(shapes, mask)
+    n, n_train = C.param_count(cfg), freeze.count_params(trainable)
+    return dict(arch="D", mesh=name, devices=devices, shape=f"data={data} fsdp={fsdp} tensor={tensor}",
+                batch=batch, seq=SEQ["D"], args=mem.argument_size_in_bytes / GIB, temp=mem.temp_size_in_bytes / GIB,
+                total=total, trainable=n_train, params=n, compile_s=seconds, fits_h100=total <= 80 * 1e9 / GIB)
+
+
 def _like(x, params, shardings, mesh):
     """Adam moments shard like their params; scalars (counts) replicate."""
     flat = {leaf.shape: s for leaf, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings),
@@ -123,7 +159,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--archs", default="D,X,H")
     parser.add_argument("--meshes", default=",".join(MESHES))
+    parser.add_argument("--lora", default="", help="LoRA vs full SFT rows: sft8,lora8 ('' = none)")
     args = parser.parse_args()
+    if args.lora:
+        print("D-72B SFT step on 8 devices (nvlm_jax.train.step), GiB per device")
+        print("run | layout | batch x seq | trainable params | args | temp | total (XLA) | compile s | fits 80 GB")
+        for name in args.lora.split(","):
+            r = plan_lora(name)
+            print(f"{r['mesh']} | {r['shape']} | {r['batch']}x{r['seq']} | {r['trainable'] / 1e9:.3f} B | "
+                  f"{r['args']:.1f} | {r['temp']:.1f} | {r['total']:.1f} | {r['compile_s']:.0f} | "
+                  f"{'yes' if r['fits_h100'] else 'no'}", flush=True)
+        if not args.meshes:
+            return
     print(f"{time.strftime('%Y-%m-%d')}, CPU AOT compile on {jax.device_count()} simulated devices; GiB per device")
     print("arch | mesh | devices | layout | batch x seq | args | temp | total (XLA) | analytic params+state | "
           "compile s | fits 80 GB | fits 95 GB")

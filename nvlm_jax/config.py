@@ -166,7 +166,8 @@ LORA_TARGETS = ("llm", "llm_attention", "llm_mlp", "vision", "projector")
 class LoraConfig:
     """Low-rank adapters (LoRA): `W x + (alpha / rank) * B(A(dropout(x)))`, B initialised to zero.
 
-    rank: 0 = no adapters. targets: which projections get adapters: "llm" (the decoder layers'
+    rank: 0 = no adapters. param_dtype: the adapters' storage dtype (f32 by default, also under a
+    bf16 base, as PEFT keeps them). targets: which projections get adapters: "llm" (the decoder layers'
     attention q/k/v/o and MLP gate/up/down), "llm_attention" / "llm_mlp" (one of the two),
     "vision" (the ViT's qkv/proj/fc1/fc2), "projector" (its linear layers). A targeted part's base
     weights are frozen; its adapters train (see `nvlm_jax.train.freeze`).
@@ -176,11 +177,14 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("llm",)
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets
         object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
         _check_fields(self, "lora", non_negative=("rank",))
+        if self.param_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"lora.param_dtype must be float32, bfloat16 or float16, got {self.param_dtype!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
@@ -222,9 +226,9 @@ class NVLMConfig:
     param_dtype: str = "float32"  # storage dtype
     attention_impl: Literal["auto", "xla", "pallas"] = "xla"
     remat_policy: Literal["none", "full", "dots"] = "none"
+    lora: LoraConfig = LoraConfig()
     # Weight-only quantized Linear kernels: None, "int8" or "int4" (see nvlm_jax/models/quantize.py).
     quantize: str | None = None
-    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -275,7 +279,8 @@ class NVLMConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples as lists), so a dict read back from a checkpoint compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NVLMConfig:

@@ -72,7 +72,12 @@ def define_flags() -> None:
     flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Import: store the Linear kernels quantized (weight-only "
                       "int8 per output channel / int4 per 128 inputs), quantized while streaming; loads as stored.")
     flags.DEFINE_integer("vit_dummy_heads", None, "Assembly: zero heads to pad the ViT with (default 0); "
-                         "export: dummy heads to store (default: as in the params).")
+                         "export: dummy heads to store (default: 7 for the 72B ViT as the release, else as in the "
+                         "params).")
+    flags.DEFINE_bool("merge_lora", False, "Export: fold the model's LoRA adapters into its weights (required for a "
+                      "LoRA-trained model: the release layout has no adapters).")
+    flags.DEFINE_string("remote_code_repo", "nvidia/NVLM-D-72B", "Export: where config.json's auto_map points for "
+                        "the release's modelling code ('' = modules beside the weights).")
     flags.DEFINE_enum("arch", "D", ["D", "X", "H"], "Assembly: the NVLM architecture to build.")
     flags.DEFINE_integer("seed", 0, "Assembly: seed of the freshly initialised params.")
     flags.DEFINE_integer("image_context_token_id", None, "Assembly: image context token id "
@@ -193,7 +198,8 @@ def main(argv: Sequence[str]) -> None:
             dtype = FLAGS.dtype if FLAGS["dtype"].present else None
             out = export_checkpoint(FLAGS.export_from, FLAGS.out_dir, step=parse_step(FLAGS.step), dtype=dtype,
                                     vit_dummy_heads=FLAGS.vit_dummy_heads, max_shard_bytes=max_shard,
-                                    overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+                                    overwrite=FLAGS.overwrite, progress=FLAGS.progress,
+                                    merge_lora=FLAGS.merge_lora, remote_code_repo=FLAGS.remote_code_repo)
         else:
             out = assemble(FLAGS.vit_dir, FLAGS.llm_dir, FLAGS.out_dir, arch=FLAGS.arch, dtype=FLAGS.dtype,
                            seed=FLAGS.seed, vit_dummy_heads=FLAGS.vit_dummy_heads or 0,

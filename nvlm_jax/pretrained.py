@@ -34,8 +34,8 @@ import numpy as np
 from nvlm_jax.checkpoint import folders
 from nvlm_jax.checkpoint import restore as restore_lib
 from nvlm_jax.checkpoint.hf_import import load_hf_params
-from nvlm_jax.checkpoint.quantized import quantize_params
 from nvlm_jax.checkpoint.manifest import verify_manifest
+from nvlm_jax.checkpoint.quantized import quantize_params
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.generate import (
     GenerateOutput,
@@ -46,6 +46,7 @@ from nvlm_jax.generate import (
     mesh_context,
     prepare_row_tiles,
 )
+from nvlm_jax.models import lora as lora_lib
 from nvlm_jax.models.nvlm import NVLM, check_image_token_count, check_mesh
 from nvlm_jax.models.quantize import check_mode
 from nvlm_jax.processing import EncodedPrompt, encode_prompt, get_special_tokens, tiling
@@ -496,6 +497,7 @@ def load_pretrained(
     progress: bool = False,
     check_finite: bool = True,
     verify: bool = False,
+    merge_lora: bool = True,
     quantize: str | None = None,
 ) -> NVLMModel:
     """Loads an NVLM model from any checkpoint (see `nvlm_jax.checkpoint.folders`).
@@ -516,6 +518,9 @@ def load_pretrained(
       check_finite: HF folders only: `NonFiniteError` naming the first tensor holding NaN/Inf.
       verify: converted folders only: check every file against the folder's sha256 manifest
         first (`ManifestError` naming each missing, extra or damaged file).
+      merge_lora: a model trained with LoRA adapters gets them folded into its weights (f32
+        sum, then `dtype`): inference then costs what the base model costs. False keeps them
+        apart (`config.lora` set, params with `lora_a` / `lora_b`).
       quantize: "int8" / "int4": weight-only quantized Linear kernels (see
         `nvlm_jax.models.quantize`). An HF folder is quantized slab by slab on the host while it
         streams; unquantized Orbax params are quantized on their devices one kernel at a time; a
@@ -543,6 +548,8 @@ def load_pretrained(
             raise ValueError(f"{loc.path}: params are stored quantized as {cfg.quantize}; they cannot be "
                              f"re-quantized to {quantize} (load with quantize=None or {cfg.quantize!r})")
         params, _ = restore_lib.load_params(loc, cfg, mesh, rules)
+        if cfg.lora.rank and merge_lora:
+            params, cfg = lora_lib.merge(params, cfg)
         if quantize is not None and cfg.quantize is None:
             cfg, params = quantize_params(params, cfg, quantize, mesh, rules)
     tokenizer = tokenizer_from_spec(info.tokenizer) if info.tokenizer is not None else None

@@ -40,11 +40,11 @@ DEFAULT_RULES: LogicalRules = (
     # Projector parameters
     ("proj_in", "fsdp"),
     ("proj_hidden", "tensor"),
+    # LoRA adapters: the rank axis is small; the adapter's other axes follow its kernel's
+    ("lora_rank", None),
     # Quantized kernels' scales: size-1 input axes (int8) and input groups (int4) stay whole
     ("quant_in", None),
     ("quant_groups", None),
-    # LoRA adapters: the rank axis is small; the adapter's other axes follow its kernel's
-    ("lora_rank", None),
     # Activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_tiles", ("data", "fsdp")),

@@ -290,3 +290,53 @@ def strip_dummy_heads(params, real: int) -> dict[str, np.ndarray]:
             assert not np.any(extra), name
             flat[name] = x[wm.heads_slice(x.ndim, axis + 1, 0, real)]
     return flat
+
+
+def torch_from_release(folder: Path, image_context_token_id: int | None = None) -> ref.TorchNVLMD:
+    """A `TorchNVLMD` holding the weights of a release-layout folder (the inverse of
+    `release_state`: the ViT's fused qkv split, zero dummy heads dropped), every tensor loaded
+    strictly, so a key or shape the release code would not accept fails here."""
+    from safetensors.torch import load_file
+
+    cfg = C.NVLMConfig.from_hf(folder / "config.json")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    state: dict[str, np.ndarray] = {}
+    for name in sorted(set(index.values())):
+        state.update({k: t.float().numpy() for k, t in load_file(str(folder / name)).items()})
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, num_dummy_heads=0))  # the torch ViT has none
+    if image_context_token_id is not None:  # the release takes it from its tokenizer at run time
+        cfg = cfg.replace(image_context_token_id=image_context_token_id)
+    model = ref.TorchNVLMD(cfg, seed=0)
+    v, h, d = cfg.vision, cfg.vision.num_heads, cfg.vision.head_dim
+    real = h * d
+    vit: dict[str, np.ndarray] = {
+        "embeddings.cls_token": state.pop("vision_model.embeddings.class_embedding"),
+        "embeddings.position_embeddings": state.pop("vision_model.embeddings.position_embedding"),
+        "embeddings.patch_embeddings.projection.weight": state.pop("vision_model.embeddings.patch_embedding.weight"),
+        "embeddings.patch_embeddings.projection.bias": state.pop("vision_model.embeddings.patch_embedding.bias"),
+    }
+    for i in range(v.num_layers):
+        src, dst = f"vision_model.encoder.layers.{i}.", f"encoder.layer.{i}."
+        qkv = state.pop(src + "attn.qkv.weight")
+        for n, part in zip("qkv", np.split(qkv, 3), strict=True):
+            vit[dst + f"attention.{n}_proj.weight"] = part[:real]
+        vit[dst + "attention.q_norm.weight"] = state.pop(src + "attn.q_norm.weight")[:real]
+        vit[dst + "attention.k_norm.weight"] = state.pop(src + "attn.k_norm.weight")[:real]
+        vit[dst + "attention.projection_layer.weight"] = state.pop(src + "attn.proj.weight")[:, :real]
+        vit[dst + "attention.projection_layer.bias"] = state.pop(src + "attn.proj.bias")
+        vit[dst + "layernorm_before.weight"] = state.pop(src + "norm1.weight")
+        vit[dst + "layernorm_after.weight"] = state.pop(src + "norm2.weight")
+        vit[dst + "lambda_1"] = state.pop(src + "ls1")
+        vit[dst + "lambda_2"] = state.pop(src + "ls2")
+        for n in ("fc1", "fc2"):
+            vit[dst + f"mlp.{n}.weight"] = state.pop(src + f"mlp.{n}.weight")
+            vit[dst + f"mlp.{n}.bias"] = state.pop(src + f"mlp.{n}.bias")
+    projector = {k: state.pop(k) for k in [k for k in state if k.startswith("mlp1.")]}
+    llm_keys = [k for k in state if k.startswith("language_model.")]
+    llm = {k.removeprefix("language_model."): state.pop(k) for k in llm_keys}
+    if state:
+        raise ValueError(f"{folder}: tensors with no place in the release model: {sorted(state)[:5]}")
+    for module, tensors in ((model.vision_model, vit), (model.projector, projector), (model.language_model, llm)):
+        sd = {k: torch.from_numpy(np.ascontiguousarray(t)) for k, t in tensors.items()}
+        module.load_state_dict(sd, strict=True)
+    return model.float()

@@ -86,5 +86,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                                    async_save=True))
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
 
-    # Parameter-efficient fine-tuning (LoRA) settings go here, under c.lora.
+    # LoRA: rank 0 = full fine-tuning of the stage's parts; rank > 0 = low-rank adapters on the
+    # targets ("llm", "llm_attention", "llm_mlp", "vision", "projector"; comma-separated) with their
+    # base weights frozen (nvlm_jax/config.py LoraConfig). Typical: rank 16-64, alpha = 2 x rank,
+    # and a higher LR than full SFT (e.g. --config.optim.lr_max=2e-4).
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="llm"))
     return c

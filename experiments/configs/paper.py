@@ -109,4 +109,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.checkpoint = ConfigDict(dict(every=500, keep=3, keep_best=0, best_metric="eval/exact_match", best_mode="max",
                                    async_save=True))
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=8, num_devices=0))
+    # LoRA adapters instead of full SFT (rank 0 = off), e.g. --config.lora.rank=64.
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="llm"))
     return c

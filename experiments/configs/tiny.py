@@ -72,4 +72,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.checkpoint = ConfigDict(dict(every=250, keep=2, keep_best=1, best_metric="eval/exact_match",
                                    best_mode="max", async_save=True))
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
+    # LoRA adapters (rank 0 = off); see nvlm_jax/config.py LoraConfig.
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="llm"))
     return c

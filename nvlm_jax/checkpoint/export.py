@@ -2,6 +2,12 @@
 `config.json` [+ tokenizer files]) that `convert` and the release's PyTorch code read back; the
 round trip convert -> export is bit-exact. The prompt format travels in `config.json`
 (`max_dynamic_patch`, `use_thumbnail`, and the full record under `nvlm_jax_prompt_format`).
+
+`config.json` carries the release's `auto_map`, pointing at the release's own modelling code
+(by default in the `nvidia/NVLM-D-72B` repository, as `repo--module.Class`), so
+`transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)` loads an export like the
+release. A model trained with LoRA adapters is exported with the adapters merged into its weights
+(`merge_lora=True`): the release layout has no place for adapters.
 """
 
 from __future__ import annotations
@@ -24,17 +30,41 @@ from nvlm_jax.checkpoint.plan import with_dummy_heads, zero_view
 from nvlm_jax.checkpoint.progress import Progress
 from nvlm_jax.checkpoint.restore import HF_PROMPT_FORMAT_KEY, float_dtype, load_our_params, read_info
 from nvlm_jax.checkpoint.writers import Staging, copy_tokenizer
-from nvlm_jax.config import NVLMConfig
+from nvlm_jax.config import NVLM_VIT_DUMMY_HEADS, NVLMConfig
+from nvlm_jax.models import lora as lora_lib
 from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.safetensors_io import SafetensorsWriter, TensorSpec
 
 CHUNK_BYTES = 64 * 1024**2
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+RELEASE_REPO = "nvidia/NVLM-D-72B"
+# The release's remote-code classes (its config.json `auto_map`).
+RELEASE_CLASSES = {
+    "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+    "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+    "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+}
+
+
+def release_auto_map(remote_code_repo: str = RELEASE_REPO) -> dict[str, str]:
+    """The `auto_map` of an exported config: the release's classes in `remote_code_repo`
+    (`repo--module.Class`), or, with "", modules expected beside the weights."""
+    prefix = f"{remote_code_repo}--" if remote_code_repo else ""
+    return {auto: prefix + target for auto, target in RELEASE_CLASSES.items()}
+
+
+def release_dummy_heads(cfg: NVLMConfig) -> int | None:
+    """Dummy ViT heads the release's PyTorch code expects for `cfg`: the 25-head InternViT-6B is
+    padded to 32 (7 zero heads); None (keep the params' layout) for any other ViT."""
+    v = cfg.vision
+    if v.num_heads == 25 and v.hidden_size == 3200 and v.num_dummy_heads != NVLM_VIT_DUMMY_HEADS:
+        return NVLM_VIT_DUMMY_HEADS
+    return None
 # ---- export: our params → release-layout safetensors -------------------------------------------
 
 
 def to_hf_config(cfg: NVLMConfig, torch_dtype: str = "bfloat16",
-                 prompt_format: PromptFormat | None = None) -> dict[str, Any]:
+                 prompt_format: PromptFormat | None = None, remote_code_repo: str = RELEASE_REPO) -> dict[str, Any]:
     """A release-format (`NVLM_D`) `config.json` dict that `NVLMConfig.from_hf` reads back as `cfg`
     (up to the runtime-only fields: dtypes, attention/remat settings, the dummy-head count,
     which is re-derived from the weights, and the image token id, which comes from the tokenizer)."""
@@ -84,6 +114,7 @@ def to_hf_config(cfg: NVLMConfig, torch_dtype: str = "bfloat16",
     }
     return {
         "architectures": ["NVLM_D"],
+        "auto_map": release_auto_map(remote_code_repo),
         "model_type": "NVLM_D",
         "downsample_ratio": cfg.downsample_ratio,
         "ps_version": cfg.ps_version,
@@ -118,6 +149,7 @@ def export_hf(
     overwrite: bool = False,
     progress: bool = False,
     prompt_format: PromptFormat | None = None,
+    remote_code_repo: str = RELEASE_REPO,
 ) -> Path:
     """Writes our params as a release-layout NVLM-D folder (sharded safetensors + index +
     `config.json` [+ tokenizer files]) that `convert` (and the release's PyTorch code, for the
@@ -128,11 +160,18 @@ def export_hf(
       cfg: their config.
       dtype: stored dtype of every tensor (default: each param's own dtype, so the round trip
         convert → export is bit-exact).
-      vit_dummy_heads: zero ViT heads to pad to (the PyTorch release code expects 7 on the
-        25-head 72B ViT); default: keep `cfg`'s layout. Dropping heads checks they are zero.
+      vit_dummy_heads: zero ViT heads to pad to; default: 7 for the 25-head 72B ViT (what the
+        release's PyTorch code expects), else `cfg`'s layout. Dropping heads checks they are zero.
       tokenizer_dir: where to copy tokenizer files from.
       max_shard_bytes: shard size limit (tensors are never split).
+      remote_code_repo: where `auto_map` points for the release's modelling code ("" = beside
+        the weights).
     """
+    if lora_lib.has_adapters(params) or cfg.lora.rank:
+        raise ValueError("these params hold LoRA adapters, which the release layout has no place for: merge them "
+                         "first (lora.merge, or export_checkpoint / convert --export_from with merge_lora)")
+    if vit_dummy_heads is None:
+        vit_dummy_heads = release_dummy_heads(cfg)
     if dtype is not None:
         float_dtype(dtype)
     if tokenizer_dir is not None:
@@ -154,9 +193,11 @@ def export_hf(
         if slot.rule.part is not None:
             x = x[slot.rule.part]
         axis = wm.head_axis(slot.path, slot.rule.part)
+        if axis is not None and x.shape[axis] > cfg.vision.num_heads:
+            # The ViT masks its dummy heads' output, so whatever their weights hold (trained
+            # adapters merged in move them) they are written as the release's zero heads.
+            x = wm.resize_heads(x, axis, cfg.vision.num_heads)
         if axis is not None and x.shape[axis] != out_heads:
-            if x.shape[axis] > out_heads and np.any(x[wm.heads_slice(x.ndim, axis, out_heads)] != 0):
-                raise ValueError(f"{'/'.join(slot.path)}: heads {out_heads}.. are not zero, cannot drop them")
             x = wm.resize_heads(x, axis, out_heads)
         return np.asarray(slot.rule.transform.inverse(x, out_cfg))
 
@@ -200,7 +241,7 @@ def export_hf(
             "weight_map": {specs[i].key: name for name, members in zip(names, shards, strict=True) for i in members},
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        hf_config = to_hf_config(out_cfg, torch_dtype, prompt_format)
+        hf_config = to_hf_config(out_cfg, torch_dtype, prompt_format, remote_code_repo)
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         if tokenizer_dir is not None:
             copy_tokenizer([Path(tokenizer_dir)], tmp)
@@ -208,21 +249,28 @@ def export_hf(
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: Step = "latest",
-                      **kwargs) -> Path:
+                      merge_lora: bool = False, **kwargs) -> Path:
     """`export_hf` of a converted folder or a training checkpoint (workdir: `step`, default the
-    latest): its params in their stored dtype, its config, prompt format and tokenizer.
+    latest): its params in their stored dtype, its config, prompt format and tokenizer; a model
+    with LoRA adapters needs `merge_lora` (folded into the weights in f32, then stored).
     ValueError, before anything is read, when `out_dir` is, holds or lies inside `ckpt_dir`."""
     check_apart(out_dir, {"checkpoint": ckpt_dir})
     info = read_info(ckpt_dir, step)
     if info.located.kind == "hf":
         raise ValueError(f"{info.located.path}: already a Hugging Face folder, nothing to export")
+    if info.config.lora.rank and not merge_lora:
+        raise ValueError(f"{info.located.path}: the model has LoRA adapters (rank {info.config.lora.rank}); the "
+                         "release layout has no place for them: export with merge_lora (--merge_lora)")
     params = load_our_params(info.located, info.config)
+    cfg = info.config
+    if cfg.lora.rank:
+        params, cfg = lora_lib.merge(params, cfg)
     kwargs.setdefault("prompt_format", info.prompt_format)
     if "tokenizer_dir" in kwargs or info.tokenizer is None:
-        return export_hf(params, info.config, out_dir, **kwargs)
+        return export_hf(params, cfg, out_dir, **kwargs)
     if info.tokenizer != "tiny":
-        return export_hf(params, info.config, out_dir, tokenizer_dir=info.tokenizer, **kwargs)
+        return export_hf(params, cfg, out_dir, tokenizer_dir=info.tokenizer, **kwargs)
     from nvlm_jax.processing.tokenizer import make_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tok:
-        return export_hf(params, info.config, out_dir, tokenizer_dir=make_tiny_tokenizer(tok), **kwargs)
+        return export_hf(params, cfg, out_dir, tokenizer_dir=make_tiny_tokenizer(tok), **kwargs)

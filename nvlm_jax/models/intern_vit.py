@@ -55,6 +55,10 @@ class VisionAttention(nn.Module):
         # The reference scales q before the score matmul (bf16 rounding order).
         q = (q * d**-0.5).astype(self.dtype)
         o = attention(q, k, v, MaskSpec(), scale=1.0, implementation=self.attention_impl)
+        if heads > real:
+            # Dummy heads carry nothing: their zero weights make this exact for the release, and it
+            # keeps them inert when their weights move (LoRA adapters, full training).
+            o = jnp.where((jnp.arange(heads) < real)[None, None, :, None], o, jnp.zeros((), o.dtype))
         proj_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         return Linear(
             c.hidden_size, ("vit_heads", "vit_head_dim", "vit_embed"), in_dims=2, use_bias=True,

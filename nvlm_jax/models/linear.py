@@ -84,10 +84,10 @@ class Linear(nn.Module):
         a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(self.in_dims)),
                                                   out_axis=self.in_dims)
         a = self.param("lora_a", nn.with_logical_partitioning(a_init, axes[: self.in_dims] + ("lora_rank",)),
-                       in_shape + (r,), self.param_dtype)
+                       in_shape + (r,), jnp.dtype(self.lora.param_dtype))
         b_axes = ("lora_rank",) + axes[self.in_dims :]
         b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, b_axes), (r,) + out_shape,
-                       self.param_dtype)
+                       jnp.dtype(self.lora.param_dtype))
         if self.lora.dropout and self.has_rng("dropout"):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.lora.dropout, x.shape)
             x = jnp.where(keep, x / (1 - self.lora.dropout), 0).astype(x.dtype)

@@ -158,7 +158,8 @@ def save_adapters(directory, params: Any, cfg: NVLMConfig) -> None:
 
 
 def _lora_dict(lora: LoraConfig) -> dict[str, Any]:
-    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets)}
+    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+            "param_dtype": lora.param_dtype}
 
 
 def read_adapter_config(directory) -> LoraConfig:

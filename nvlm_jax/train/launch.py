@@ -21,6 +21,8 @@ Run config fields (all configs define all of them):
   optim: lr_max, lr_min, warmup_steps, total_steps (0 = num_steps), b1, b2, eps,
     weight_decay, clip_norm, mu_dtype,
   checkpoint: every, keep, keep_best, best_metric, best_mode, async_save,
+  lora (optional; absent = off): rank (0 = off), alpha, dropout, targets ("llm", "llm_attention",
+    "llm_mlp", "vision", "projector", comma-separated); see `nvlm_jax.config.LoraConfig`,
   mesh: data, fsdp, tensor, num_devices.
 """
 
@@ -36,7 +38,8 @@ import jax
 
 from nvlm_jax import config as model_config_lib
 from nvlm_jax.checkpoint import restore as restore_lib
-from nvlm_jax.config import NVLMConfig
+from nvlm_jax.config import LoraConfig, NVLMConfig
+from nvlm_jax.models import lora as lora_lib
 from nvlm_jax.models import nvlm
 from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.train import checkpoint as ckpt_lib
@@ -96,10 +99,20 @@ def model_config(c, tokenizer) -> NVLMConfig:
     else:
         cfg = _preset(c.arch, m.preset, _plain(m.get("llm", {})), _plain(m.get("vision", {})))
     cfg = cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-                      attention_impl=m.attention_impl)
+                      attention_impl=m.attention_impl, lora=lora_config(c))
     from nvlm_jax.data.pipeline import config_for_tokenizer
 
     return config_for_tokenizer(cfg, tokenizer)
+
+
+def lora_config(c) -> LoraConfig:
+    """The run's LoRA adapters (`lora.*`; a config without a `lora` section trains none)."""
+    if "lora" not in c:
+        return LoraConfig()
+    try:
+        return LoraConfig(**_plain(c.lora))
+    except TypeError as e:
+        raise ValueError(f"config.lora: {e} (fields: rank, alpha, dropout, targets)") from e
 
 
 def prompt_format(c, cfg: NVLMConfig) -> PromptFormat:
@@ -273,12 +286,21 @@ def params_initializer(c, cfg: NVLMConfig) -> loop_lib.InitParams | None:
         return None
 
     def init(mesh: jax.sharding.Mesh):
-        params, missing = restore_lib.init_params(c.init.checkpoint, cfg, mesh, config_json=c.init.config_json or None,
+        # Restore what the checkpoint holds (its own adapters, if it was LoRA-tuned), fold those
+        # adapters into its weights, then give the run fresh adapters of its own.
+        _, source = restore_lib.init_source(c.init.checkpoint, c.init.config_json or None)
+        base_cfg = cfg.replace(lora=source.lora)
+        params, missing = restore_lib.init_params(c.init.checkpoint, base_cfg, mesh,
+                                                  config_json=c.init.config_json or None,
                                                   allow_missing=c.init.allow_missing)
         if missing:
             log.warning("initialising %d params missing from %s: %s", len(missing), c.init.checkpoint, missing)
-            fresh = nvlm.init_params(cfg, jax.random.key(c.seed), mesh)
+            fresh = nvlm.init_params(base_cfg, jax.random.key(c.seed), mesh)
             params = _fill(fresh, params)
+        if base_cfg.lora.rank:
+            params, _ = lora_lib.merge(params, base_cfg)
+        if cfg.lora.rank:
+            params = lora_lib.with_adapters(params, lora_lib.init_adapters(cfg, jax.random.key(c.seed), mesh))
         return params
 
     return init

@@ -59,13 +59,70 @@ def test_export_shards_by_size_and_round_trips_our_params(release, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_exporting_non_zero_heads_away_is_refused(release, tmp_path):
+def test_dummy_heads_are_inert_and_exported_as_zero_heads(release, tmp_path):
+    import jax
+
+    from nvlm_jax.pretrained import NVLMModel
+
     cfg, params = hf_import.load_hf_params(release.folder, "float32")  # 2 real + 2 dummy heads
-    qkv = np.array(params["vision"]["layers"]["attn"]["qkv"]["kernel"])
-    qkv[1, :, 0, 3] = 0.5  # a dummy head that is no longer zero
-    params["vision"]["layers"]["attn"]["qkv"]["kernel"] = qkv
-    with pytest.raises(ValueError, match="vision/layers/attn/qkv/kernel: heads 2.. are not zero"):
-        export.export_hf(params, cfg, tmp_path / "x", vit_dummy_heads=0)
-    assert not (tmp_path / "x").exists()
+    pixels = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
+    ids = hc.prompt_ids(cfg, [1])[None]
+    want = np.asarray(NVLMModel(cfg, params).forward(ids, pixels))
+    moved = jax.tree_util.tree_map(np.array, params)
+    attn = moved["vision"]["layers"]["attn"]
+    attn["qkv"]["kernel"][1, :, :, 3] = 0.5  # dummy heads no longer zero (e.g. merged adapters)
+    attn["proj"]["kernel"][1, 3] = 0.5
+    np.testing.assert_array_equal(np.asarray(NVLMModel(cfg, moved).forward(ids, pixels)), want)
+    out = export.export_hf(moved, cfg, tmp_path / "x", vit_dummy_heads=0)
+    qkv = _tensors(out)["vision_model.encoder.layers.1.attn.qkv.weight"]
+    assert qkv.shape[0] == 3 * 2 * cfg.vision.head_dim  # real heads only
+    np.testing.assert_array_equal(qkv, _tensors(release.folder)["vision_model.encoder.layers.1.attn.qkv.weight"]
+                                  .reshape(3, 4, -1, qkv.shape[1])[:, :2].reshape(qkv.shape).astype(qkv.dtype))
 
 
+# ---- LoRA models and the release's auto_map ----------------------------------------------------------
+
+
+def test_lora_model_exports_merged_and_the_release_model_reads_it(tmp_path):
+    import jax
+
+    from nvlm_jax.config import LoraConfig
+    from nvlm_jax.models import lora
+    from nvlm_jax.pretrained import NVLMModel
+
+    source = hc.tiny_converted()
+    cfg = restore.read_our_config(source)
+    cfg = cfg.replace(lora=LoraConfig(rank=4, alpha=8.0, targets=("llm", "vision", "projector")))
+    params = lora.with_adapters(restore.load_our_params(source, cfg.replace(lora=LoraConfig())),
+                                lora.init_adapters(cfg, jax.random.key(0)))
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    adapters = jax.tree_util.tree_map_with_path(  # trained-looking adapters: B no longer zero
+        lambda p, x: 0.05 * jax.random.normal(next(keys), x.shape) if p[-1].key == "lora_b" else x,
+        lora.adapters(params))
+    params = lora.with_adapters(lora.without_adapters(params), adapters)
+    pixels = np.random.default_rng(1).standard_normal((4, 28, 28, 3)).astype(np.float32)
+    ids = hc.prompt_ids(cfg, [3, 1])[None]
+    adapted = np.asarray(NVLMModel(cfg, params).forward(ids, pixels))
+
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        export.export_hf(params, cfg, tmp_path / "refused")
+    merged, merged_cfg = lora.merge(params, cfg)
+    out = export.export_hf(merged, merged_cfg, tmp_path / "hf", tokenizer_dir=source)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "nvidia/NVLM-D-72B--configuration_nvlm_d.NVLM_D_Config",
+        "AutoModel": "nvidia/NVLM-D-72B--modeling_nvlm_d.NVLM_D_Model",
+        "AutoModelForCausalLM": "nvidia/NVLM-D-72B--modeling_nvlm_d.NVLM_D_Model",
+    }
+    assert "lora" not in json.dumps(config)
+    # transformers' Qwen2 + InternViT modules, loaded strictly
+    torch_model = hc.torch_from_release(out, cfg.image_context_token_id)
+    np.testing.assert_allclose(torch_model(ids, pixels), adapted, atol=2e-4, rtol=0)
+
+
+def test_the_72b_vit_gets_its_dummy_heads_back_and_auto_map_can_point_beside_the_weights():
+    cfg = NVLMConfig()  # the 72B layout
+    assert export.release_dummy_heads(cfg.replace(vision=cfg.vision.__class__(num_dummy_heads=0))) == 7
+    assert export.release_dummy_heads(cfg.replace(vision=cfg.vision.__class__(num_dummy_heads=7))) is None
+    assert export.release_dummy_heads(hc.tiny_cfg()) is None
+    assert export.release_auto_map("")["AutoModel"] == "modeling_nvlm_d.NVLM_D_Model"

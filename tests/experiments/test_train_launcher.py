@@ -1,5 +1,6 @@
 """`experiments/train.py` end to end in subprocesses: flags, and a run killed with SIGKILL while
-saving resumes from its last complete checkpoint with exactly the same loss curve."""
+saving resumes from its last complete checkpoint with exactly the same loss curve (also with LoRA
+adapters and adapter dropout)."""
 
 import os
 import signal
@@ -33,9 +34,13 @@ def _env():
     return env
 
 
-def _launch(workdir: Path, cache: Path) -> subprocess.Popen:
+# LoRA on the LLM and the ViT (their bases frozen), dropout keyed by the step; the projector trains fully.
+LORA = ["--config.lora.rank=4", "--config.lora.dropout=0.1", "--config.lora.targets=llm,vision"]
+
+
+def _launch(workdir: Path, cache: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, str(TRAIN), f"--config={ROOT / 'experiments' / 'configs' / 'tiny.py'}",
-           f"--workdir={workdir}", f"--config.compilation_cache_dir={cache}", *OVERRIDES]
+           f"--workdir={workdir}", f"--config.compilation_cache_dir={cache}", *OVERRIDES, *extra]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -61,15 +66,16 @@ def test_help_lists_the_flags():
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_save_resumes_with_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("extra", [(), tuple(LORA)], ids=["full", "lora"])
+def test_sigkill_during_a_save_resumes_with_the_same_loss_curve(tmp_path, extra):
     cache = tmp_path / "xla_cache"  # restarts reuse the compiled programs (same numbers, less time)
     straight = tmp_path / "straight"
-    _finish(_launch(straight, cache))
+    _finish(_launch(straight, cache, extra))
     expected = _losses(straight)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     interrupted = tmp_path / "interrupted"
-    proc = _launch(interrupted, cache)
+    proc = _launch(interrupted, cache, extra)
     deadline = time.time() + 300
     # Step 6's record is written just before its checkpoint save starts: kill right then.
     while max(_losses(interrupted), default=0) < 6:
@@ -83,7 +89,7 @@ def test_sigkill_during_a_save_resumes_with_the_same_loss_curve(tmp_path):
     # Saves are asynchronous: step 6's (or even step 4's) may still have been in flight.
     assert steps and steps[-1] in (2, 4, 6), steps
 
-    out = _finish(_launch(interrupted, cache))
+    out = _finish(_launch(interrupted, cache, extra))
     assert f"resumed from {interrupted / 'checkpoints' / str(steps[-1])}" in out
     assert _losses(interrupted) == expected  # bitwise equal f32 losses, every step
     assert "finished step 10" in out

@@ -1,0 +1,90 @@
+"""LoRA vs full SFT on the ~126M-parameter bench NVLM-D (`bench/train_step.py`), in one run:
+trainable parameters, optimizer-state bytes and the median training-step time of each, the two
+steps timed alternately so machine load falls on both alike.
+
+Full SFT trains the LLM and the projector (stage "sft", f32 master weights); LoRA puts rank-R
+adapters on the LLM's attention and MLP projections, freezing its base, the projector still
+training (the same stage). Both compute in `--dtype`.
+
+    python bench/lora_step.py [--rank 16] [--batch 8] [--seq 512] [--rounds 5] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from bench.train_step import bench_config, build_step  # noqa: E402
+from nvlm_jax import config as C  # noqa: E402
+from nvlm_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
+from nvlm_jax.train import freeze  # noqa: E402
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps of each, alternated")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    base = bench_config(args.dtype, "none")
+    runs = {"full SFT": base, f"LoRA r{args.rank}": base.replace(lora=C.LoraConfig(rank=args.rank,
+                                                                                    alpha=2.0 * args.rank))}
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    built, times, info = {}, {name: [] for name in runs}, {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        for name, cfg in runs.items():
+            step, state, batch, shapes, mask = build_step(cfg, args.batch, args.seq, 1, "sft", mesh)
+            start = time.perf_counter()
+            compiled = step.lower(state, batch).compile()
+            compile_s = time.perf_counter() - start
+            state, m = compiled(state, batch)  # warm-up
+            jax.block_until_ready(m)
+            built[name] = [compiled, state, batch]
+            info[name] = dict(params=freeze.count_params(shapes),
+                              trainable=freeze.count_params(freeze.partition(shapes, mask)[0]),
+                              opt_bytes=_bytes(state.opt_state), compile_s=compile_s)
+        for _ in range(args.rounds):
+            for name in runs:
+                compiled, state, batch = built[name]
+                start = time.perf_counter()
+                state, m = compiled(state, batch)
+                jax.block_until_ready(m)
+                times[name].append(time.perf_counter() - start)
+                built[name][1] = state
+    full, lora = list(runs)
+    print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.processor() or platform.machine()}  "
+          f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}  "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"model: {info[full]['params'] / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens + 1 tile "
+          f"per row, compute {args.dtype}, stage sft")
+    print("run | trainable params | optimizer state | compile s | step median (min-max) ms")
+    for name in runs:
+        t = np.asarray(times[name]) * 1e3
+        i = info[name]
+        print(f"{name} | {i['trainable'] / 1e6:.2f}M | {i['opt_bytes'] / 2**20:.1f} MiB | {i['compile_s']:.1f} | "
+              f"{np.median(t):.0f} ({t.min():.0f}-{t.max():.0f})")
+    ratio = np.median(times[lora]) / np.median(times[full])
+    opt_share = info[lora]["opt_bytes"] / info[full]["opt_bytes"]
+    print(f"LoRA / full: step time {ratio:.2f}x, optimizer state {opt_share:.1%}, "
+          f"trainable {info[lora]['trainable'] / info[full]['trainable']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
