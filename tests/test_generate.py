@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from nvlm_jax import convert
-from nvlm_jax.generate import SamplingParams, generate, pad_prompts, sample_logits, tile_bucket
+from nvlm_jax.generate import SamplingParams, apply_penalties, generate, pad_prompts, sample_logits, tile_bucket
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.sharding import make_mesh
 from tests import hf_checkpoint as hc
@@ -146,6 +146,31 @@ def test_sample_logits_filters():
     assert set(np.asarray(topk).tolist()) == {0, 1, 2}
     greedy = sample_logits(logits, keys, do_sample=False)
     assert set(np.asarray(greedy).tolist()) == {0}
+
+
+def test_sample_logits_takes_per_row_settings_at_run_time():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 1024, np.float32))
+    keys = jax.random.split(jax.random.key(0), 1024)
+    # Rows in groups of 256: greedy, top_k 2, top_p 0.75, unfiltered at temperature 2.
+    group = np.repeat(np.arange(4), 256)
+    settings = dict(do_sample=group > 0, top_k=np.where(group == 1, 2, 0), top_p=np.where(group == 2, 0.75, 1.0),
+                    temperature=np.where(group == 3, 2.0, 1.0))
+    run = jax.jit(lambda lg, k, s: sample_logits(lg, k, **s))
+    out = np.asarray(run(logits, keys, settings))
+    assert [set(out[group == g].tolist()) for g in range(4)] == [{0}, {0, 1}, {0, 1}, {0, 1, 2, 3}]
+    greedy = dict(settings, do_sample=np.zeros(1024, bool), top_k=np.full(1024, 3))
+    assert set(np.asarray(run(logits, keys, greedy)).tolist()) == {0}
+    assert run._cache_size() == 1  # new settings, same program
+
+
+def test_penalties_follow_vllm_and_openai():
+    logits = np.array([[2.0, -2.0, 1.0, 0.5]], np.float32)
+    counts = np.array([[0, 0, 2, 0]], np.int32)  # token 2 was generated twice
+    seen = np.array([[True, True, False, False]])  # tokens 0, 1 are in the prompt
+    out = apply_penalties(logits, counts, seen, np.array([2.0]), np.array([0.5]), np.array([0.25]))
+    np.testing.assert_allclose(out, [[1.0, -4.0, 0.5 - 1.0 - 0.25, 0.5]])
+    neutral = apply_penalties(logits, counts, seen, np.ones(1), np.zeros(1), np.zeros(1))
+    np.testing.assert_array_equal(neutral, logits)
 
 
 def test_pad_prompts_left_pads_with_segment_zero():

@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from nvlm_jax.serve.engine import Delta, Engine, Failed, Finished
+from nvlm_jax.serve.engine import Engine
+from nvlm_jax.serve.protocol import Delta, Failed, Finished
 from nvlm_jax.serve.requests import Limits, RequestError, build_engine_request, parse_chat_request
 
 

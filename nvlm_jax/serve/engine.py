@@ -11,14 +11,15 @@ a slot's next occupant overwrites its row (stale columns beyond the new prompt a
 segment id 0). A request leaves at a stop token, a stop string, its token budget, or when it is
 cancelled (a client that went away), freeing its slot for the next waiting request.
 
-Nothing recompiles between requests: the decode program has one shape; sampling settings
-(temperature, top-k, top-p, seed, repetition/frequency/presence penalties) are per-slot runtime
-arrays (`sample_logits`, `apply_penalties`); prefill programs exist per prompt bucket. Images
-are encoded once per distinct picture (`ImageFeatureCache`, keyed by content hash; the ViT runs
-per tile-count bucket) and the prefill builds the prompt's image context from the cached
-projected tokens in a fixed number of tile slots (`max_images · (max_tiles + 1)` rounded up to a power of two; unused
-slots are invalid); for NVLM-X/H each slot's cross-attention memory stays on the device for its
-decode steps.
+Nothing recompiles between requests: decode programs exist per attended cache length (a power of
+two above the longest running sequence, so a step costs what the running answers need, not the
+whole context) and prefill programs per prompt bucket; sampling settings (temperature, top-k,
+top-p, seed, repetition/frequency/presence penalties) are per-slot runtime arrays
+(`sample_logits`, `apply_penalties`). Images are encoded once per distinct picture
+(`ImageFeatureCache`, keyed by content hash; the ViT runs per tile-count bucket) and the prefill
+builds the prompt's image context from the cached projected tokens in a fixed number of tile
+slots (`max_images · (max_tiles + 1)` rounded up to a power of two; unused slots are invalid);
+for NVLM-X/H each slot's cross-attention memory stays on the device for its decode steps.
 
 Requests are served by a background thread (`start`); results arrive as events on the
 request's `Handle` (`Delta` text pieces, then one `Finished` or `Failed`).
@@ -29,10 +30,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -42,138 +42,14 @@ from absl import logging
 from flax import struct
 
 from nvlm_jax.config import NVLMConfig
-from nvlm_jax.generate import (
-    apply_penalties,
-    decode_step,
-    mesh_context,
-    prefill_step,
-    sample_logits,
-    step_images,
-    tile_bucket,
-)
+from nvlm_jax.generate import decode_step, mesh_context, prefill_step, step_images, tile_bucket
 from nvlm_jax.models.llm import init_cache
 from nvlm_jax.models.nvlm import NVLM, ImageContext, check_image_token_count, thumbnail_slots
+from nvlm_jax.sampling import apply_penalties, sample_logits
 from nvlm_jax.serve.image_cache import ImageFeatureCache
+from nvlm_jax.serve.protocol import Delta, EngineRequest, Event, Failed, Finished, Handle, RequestSampling
 
 MIN_PROMPT_BUCKET = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestSampling:
-    """How one request chooses its tokens (OpenAI / vLLM semantics).
-
-    temperature: 0 = greedy; top_k: 0 = no limit; top_p: 1 = off; seed: None = a fresh random
-    one; repetition_penalty: 1 = off (> 1 discourages tokens of the prompt and output);
-    frequency_penalty / presence_penalty: 0 = off, in [-2, 2].
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-    def __post_init__(self):
-        checks = [
-            (0 <= self.temperature <= 100, "temperature must be in [0, 100]"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = no limit)"),
-            (self.seed is None or 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
-            (0 < self.repetition_penalty <= 10, "repetition_penalty must be in (0, 10]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageInput:
-    """One image of a prompt: its content key (`image_cache.content_key`) and its tiles
-    `[tiles, H, W, 3]` f32 (may be None when the key is known to be cached)."""
-
-    key: str
-    pixels: np.ndarray | None
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EngineRequest:
-    """One prompt to answer.
-
-    input_ids: `[n]` int32 (image context tokens in place); images: in prompt order;
-    token_image / token_tile `[n]` and tile_image `[tiles]`: NVLM-X/H ids
-    (`processing.prompt.cross_attention_ids`), None for D; max_tokens: the answer's budget;
-    stop: strings that end the answer (not included); stop_token_ids: tokens that end it.
-    """
-
-    input_ids: np.ndarray
-    images: tuple[ImageInput, ...] = ()
-    token_image: np.ndarray | None = None
-    token_tile: np.ndarray | None = None
-    tile_image: np.ndarray | None = None
-    max_tokens: int = 16
-    sampling: RequestSampling = RequestSampling()
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    """New answer text (possibly empty at the start of a stream)."""
-
-    text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """The end of an answer: reason "stop" (stop token or string), "length" or "cancelled";
-    text and token_ids: the whole answer (stop token excluded; token_ids uncut by stop strings)."""
-
-    reason: str
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Failed:
-    """A request the engine could not answer: status 400 (the request) or 500 (the engine)."""
-
-    message: str
-    status: int = 400
-
-
-Event = Delta | Finished | Failed
-
-
-class Handle:
-    """A submitted request: iterate it for its events (blocking), or pass `on_event` to
-    `Engine.submit` to receive them on the engine's thread; `cancel()` frees its slot."""
-
-    def __init__(self, request: EngineRequest, on_event: Callable[[Event], None] | None):
-        self.request = request
-        self.cancelled = False
-        self._queue: queue.Queue[Event] = queue.Queue()
-        self._on_event = on_event or self._queue.put
-        self._engine: Engine | None = None
-
-    def emit(self, event: Event) -> None:
-        self._on_event(event)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self._engine is not None:
-            self._engine.wake()
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            event = self._queue.get()
-            yield event
-            if not isinstance(event, Delta):
-                return
 
 
 @struct.dataclass
@@ -246,16 +122,23 @@ def _prefill(params, state, slot, ids, length, features, tile_valid, tile_image,
     return token, new
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg: NVLMConfig):
-    """One step of every slot: tokens / positions / active `[slots]`. Returns (tokens, state)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "view"), donate_argnames=("state",))
+def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg: NVLMConfig, view: int):
+    """One step of every slot: tokens / positions / active `[slots]`. Returns (tokens, state).
+
+    Attention covers the first `view` cache columns only (every active slot's position is
+    below it): a step costs what the longest running answer needs, not the whole context.
+    """
     model, variables = NVLM(cfg), {"params": params}
     context = None
     if cfg.arch in ("X", "H"):
         context = ImageContext(memory_k=state["memory_k"], memory_v=state["memory_v"],
                                memory_image=state["memory_image"], memory_tile=state["memory_tile"])
     images = step_images(cfg, context, state.get("new_image"))
-    logits, cache = decode_step(model, variables, tokens, positions, state["cache"], positions, images)
+    full = state["cache"]
+    cache = {name: x[:, :, :view] if name in ("k", "v") else x[:, :view] for name, x in full.items()}
+    logits, cache = decode_step(model, variables, tokens, positions, cache, positions, images)
+    cache = {name: jax.lax.dynamic_update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
     new = _choose(logits, state["counts"], state["seen"], rows)
     counts = state["counts"].at[jnp.arange(tokens.shape[0]), new].add(active.astype(jnp.int32))
     return new, dict(state, cache=cache, counts=counts)
@@ -530,12 +413,16 @@ class Engine:
         rows = self._rows(self._slots)
         with mesh_context(self.model.mesh, self.model.rules):
             new, self._state = _decode(self.model.params, self._state, tokens, positions, np.asarray(active), rows,
-                                       cfg=self.cfg)
+                                       cfg=self.cfg, view=self._view(int(positions.max())))
         new = np.asarray(new)
         self.counters["decode_steps"] += 1
         for i, is_active in enumerate(active):
             if is_active:
                 self._accept(i, int(new[i]))
+
+    def _view(self, position: int) -> int:
+        """Cache columns a step attends to: a power of two (at least 64) above `position`."""
+        return min(self.max_len, max(MIN_PROMPT_BUCKET, 1 << position.bit_length()))
 
     def _drop_cancelled(self) -> None:
         for i, entry in enumerate(self._slots):

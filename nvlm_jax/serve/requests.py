@@ -30,8 +30,8 @@ import numpy as np
 from nvlm_jax.processing import get_special_tokens, tiling
 from nvlm_jax.processing.chat_template import IMAGE
 from nvlm_jax.processing.prompt import cross_attention_ids
-from nvlm_jax.serve.engine import EngineRequest, ImageInput, RequestSampling
 from nvlm_jax.serve.image_cache import content_key
+from nvlm_jax.serve.protocol import EngineRequest, ImageInput, RequestSampling
 
 MAX_REMOTE_BYTES = 32 << 20
 

@@ -13,8 +13,9 @@ from nvlm_jax.data.pipeline import config_for_tokenizer
 from nvlm_jax.generate import cut_at_stop
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.processing import get_special_tokens, load_tokenizer, make_tiny_tokenizer
-from nvlm_jax.serve.engine import Delta, Engine, EngineRequest, Finished, ImageInput, RequestSampling
+from nvlm_jax.serve.engine import Engine
 from nvlm_jax.serve.image_cache import content_key
+from nvlm_jax.serve.protocol import Delta, EngineRequest, Finished, ImageInput, RequestSampling
 from tests.serve.server import data_url, image, image_part, serving
 
 STEPS = 8
