@@ -8,12 +8,20 @@ one warm-up call (which compiles the JAX programs), median of `--repeats` interl
 checks that both produce the same tokens.
 
 Run from the repo root: `python bench/decode.py [--repeats 3] [--new_tokens 64]`.
+
+`--weights` runs the weight-format table instead (issue 18): the 348M-class NVLM-D of
+`bench/device_check.py` (ViT 512 x 8, LLM 768 x 12, GQA 12/4, vocab 151,680): greedy decode
+steps at a KV cache of `--prompt_len + --new_tokens` slots, batch 1 and 8, with float32 /
+bfloat16 / int8 / int4 weights (int8/int4: weight-only, float32 activations); each format's
+weight-bandwidth limit is the bytes one step reads (every LLM weight but the embedding table;
+int4 counted at 4 bits) over the read bandwidth measured in the same run (a sum over 1 GiB).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -82,12 +90,87 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def best_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up: compiles
+    return min(timed(lambda: jax.block_until_ready(fn())) for _ in range(repeats))
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a float32 sum over 1 GiB (reads the array once; far beyond any cache)."""
+    x = jax.numpy.ones((1 << 28,), jax.numpy.float32)
+    total = jax.jit(lambda a: a.sum())
+    return x.nbytes / best_seconds(lambda: total(x), repeats)
+
+
+def step_weight_bytes(params) -> int:
+    """Bytes of the LLM weights one decode step reads (not the embedding table; int4 at 4 bits)."""
+    llm = {k: v for k, v in params["llm"].items() if k != "embed_tokens"}
+    return sum(x.size // 2 if x.dtype == jax.numpy.int4 else x.nbytes for x in jax.tree_util.tree_leaves(llm))
+
+
+def step_seconds(cfg, params, batch: int, slots: int, repeats: int) -> float:
+    """Fastest of `repeats` greedy decode steps (`generate.decode_step` + argmax, the body of
+    generate's loop) at cache slot `slots - 1` of a `[batch, slots]` cache, the cache donated and
+    fed back as in the loop. One step per timing: background load only ever adds time."""
+    from nvlm_jax.generate import decode_step
+    from nvlm_jax.models.llm import init_cache
+
+    model = nvlm_model.NVLM(cfg)
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def step(params, tok, cache):
+        pos = jax.numpy.full((batch,), slots - 1, jax.numpy.int32)
+        logits, cache = decode_step(model, {"params": params}, tok, pos, cache, slots - 1, {})
+        return jax.numpy.argmax(logits, -1).astype(jax.numpy.int32), cache
+
+    tok = jax.numpy.ones((batch,), jax.numpy.int32)
+    cache = init_cache(cfg.llm, batch, slots, jax.numpy.dtype(cfg.dtype))
+    tok, cache = jax.block_until_ready(step(params, tok, cache))  # compiles
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tok, cache = jax.block_until_ready(step(params, tok, cache))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def weights_main(args) -> None:
+    from bench import device_check
+    from nvlm_jax.checkpoint.quantized import quantize_params
+
+    f32 = device_check.model_config(False).replace(dtype="float32", param_dtype="float32")
+    base = nvlm_model.init_params(f32, jax.random.key(0))
+    bandwidth = read_bandwidth()
+    slots = args.prompt_len + args.new_tokens
+    print(f"model: 348M-class NVLM-D ({C.param_count(f32) / 1e6:.0f}M params), one greedy decode step at a "
+          f"{slots}-slot KV cache, best of {args.repeats}; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"jax {jax.__version__} ({jax.devices()[0].platform})")
+    step_ms = {}
+    for name in ("float32", "bfloat16", "int8", "int4"):
+        if name in ("int8", "int4"):
+            cfg, params = quantize_params(jax.tree_util.tree_map(lambda x: x.copy(), base), f32, name)
+        else:
+            cfg = f32.replace(dtype=name, param_dtype=name)
+            params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n), base)
+        weights = step_weight_bytes(params)
+        for batch in (1, 8):
+            step = step_seconds(cfg, params, batch, slots, args.repeats)
+            step_ms[name, batch] = 1e3 * step
+            limit = bandwidth / weights  # steps/s if the step only read its weights at the measured bandwidth
+            print(f"{name:8s} batch {batch}: step {1e3 * step:7.1f} ms, {batch / step:7.1f} tok/s, weights "
+                  f"{weights / 2**20:6.0f} MiB/step, {1 / step / limit:.2f} of its weight-bandwidth limit, "
+                  f"{step_ms['float32', batch] / (1e3 * step):.2f}x float32's tok/s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--weights", action="store_true", help="the weight-format table (see module doc)")
     args = parser.parse_args()
+    if args.weights:
+        return weights_main(args)
     torch.set_num_threads(2)
     cfg, params, model = build()
     n = sum(x.size for x in jax.tree_util.tree_leaves(params["llm"]))

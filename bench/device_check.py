@@ -15,9 +15,9 @@ and the others still run:
 - prefill:   the 348M-class NVLM-D (ViT 512 x 8 layers, LLM 768 x 12 layers, GQA 12/4 heads, vocab
              151,680; bench/train_step.py's bench_config, enlarged) on 2 images x 7 tiles + 256 text
              tokens in bf16: time and fraction of the measured matmul peak.
-- decode:    the same model, `nvlm_jax.generate.generate` greedy, batch 1 and 8, bf16: decode
-             tokens/s and the fraction of the measured HBM bandwidth that reading the weights once per
-             step needs; int8 once `nvlm_jax.load_pretrained` has `quantize` (issue 18).
+- decode:    the same model, `nvlm_jax.generate.generate` greedy, batch 1 and 8, bf16 weights and
+             weight-only int8 / int4 (issue 18; bf16 activations): decode tokens/s, its ratio to bf16,
+             and the fraction of the measured HBM bandwidth that reading the weights once per step needs.
 - train:     one bf16 training step of bench/train_step.py's model (batch 8 x 512 tokens + 1 tile):
              MFU against the measured matmul peak (target >= 45% on an H100).
 
@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import os
@@ -55,7 +54,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-import nvlm_jax  # noqa: E402
 from bench import attention as attention_bench  # noqa: E402
 from bench import train_step as train_bench  # noqa: E402
 from kernels import masks  # noqa: E402
@@ -103,11 +101,11 @@ class Sizes:
 
 DEVICE = Sizes(matmul=8192, bandwidth_bytes=2 << 30, causal=(2, 4096, 32, 8, 128), tiles=(7, 7), text=256,
                prompt=64, new_tokens=(8, 136), train=(8, 512, 1, 5), repeats=5,
-               budgets=dict(peaks=30, attention=170, prefill=75, decode=110, train=75), total_budget=450)
+               budgets=dict(peaks=30, attention=170, prefill=75, decode=240, train=75), total_budget=580)
 SMOKE = Sizes(matmul=512, bandwidth_bytes=32 << 20, causal=(1, 64, 4, 2, 16), tiles=(2, 1), text=32,
               prompt=16, new_tokens=(2, 66), train=(2, 64, 1, 1), repeats=1,
               # Generous: budgets only stop a hang; the idle 2-core machine needs ~45 s for all of it.
-              budgets=dict(peaks=30, attention=120, prefill=60, decode=80, train=60), total_budget=240)
+              budgets=dict(peaks=30, attention=120, prefill=60, decode=160, train=60), total_budget=320)
 # Pallas-compiled kernels (attention, then prefill with attention "auto") run last: were one to break the
 # device context, the figures of the sections before it are already in the JSON.
 SECTIONS = ("peaks", "decode", "train", "attention", "prefill")
@@ -367,7 +365,9 @@ def decode_bytes(params, cfg: C.NVLMConfig, batch: int, slots: int) -> tuple[int
     """(weight bytes, KV-cache bytes) one decode step reads: every LLM weight but the embedding
     table (one row per token), and the whole cache (the XLA path reads every slot, masked)."""
     llm = params["llm"]
-    nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    # int4 weights: 4 bits each (XLA packs them two to a byte on GPU/TPU)
+    nbytes = lambda tree: sum(x.size // 2 if x.dtype == jnp.int4 else x.nbytes  # noqa: E731
+                              for x in jax.tree_util.tree_leaves(tree))
     item = jnp.dtype(cfg.dtype).itemsize
     weights = nbytes(llm) - nbytes(llm["embed_tokens"]) + batch * cfg.llm.hidden_size * item
     m = cfg.llm
@@ -376,36 +376,42 @@ def decode_bytes(params, cfg: C.NVLMConfig, batch: int, slots: int) -> tuple[int
 
 
 def section_decode(ctx: Context, res: dict) -> None:
-    cfg, params = _model(ctx, res)
+    from nvlm_jax.checkpoint.quantized import quantize_params
+
+    cfg_bf16, params_bf16 = _model(ctx, res)
     short, long = ctx.sizes.new_tokens
     res.update(prompt_tokens=ctx.sizes.prompt, new_tokens=[short, long], runs={})
     rng = np.random.default_rng(0)
-    for batch in (1, 8):
-        prompts = rng.integers(1, cfg.image_context_token_id, (batch, ctx.sizes.prompt)).astype(np.int32)
-        # Best of a few runs each: the difference of two timings is what counts, so noise must stay small.
-        t = {n: best_seconds(lambda n=n, p=prompts: generate(params, cfg, p, max_new_tokens=n).tokens,
-                             max(ctx.sizes.repeats, 3)) for n in (short, long)}
-        if t[long] <= t[short]:
-            raise CheckFailed(f"batch {batch}: {long} new tokens took {t[long]:.4f} s, not more than {short} "
-                              f"({t[short]:.4f} s): the timings are noise")
-        step_s = (t[long] - t[short]) / (long - short)  # prefill and the first tokens cancel out
-        slots = -(-ctx.sizes.prompt // PROMPT_BUCKET) * PROMPT_BUCKET + long
-        weights, cache = decode_bytes(params, cfg, batch, slots)
-        run = res["runs"][f"bf16 batch {batch}"] = dict(
-            step_ms=1e3 * step_s, decode_tokens_per_s=batch / step_s,
-            end_to_end_tokens_per_s=batch * long / t[long], weight_bytes_per_step=weights,
-            kv_cache_bytes_per_step=cache)
-        if "bandwidth" in ctx.peaks:
-            run["weights_fraction_of_bandwidth"] = weights / step_s / ctx.peaks["bandwidth"]
-            run["weights_and_cache_fraction_of_bandwidth"] = (weights + cache) / step_s / ctx.peaks["bandwidth"]
-        ctx.log(f"decode: batch {batch}: {run}")
-        ctx.target(f"decode {res['model']['params'] / 1e6:.3g}M NVLM-D, bf16, batch {batch}: weight bytes/step/time "
-                   "vs measured bandwidth", run.get("weights_fraction_of_bandwidth"), "(reported)", None)
-    if "quantize" in inspect.signature(nvlm_jax.load_pretrained).parameters:
-        res["runs"]["int8"] = {"status": "skipped", "reason": "load_pretrained has `quantize` now, but this "
-                               "section does not drive it yet: wire it in (bench/device_check.py, section_decode)"}
-    else:
-        res["runs"]["int8"] = {"status": "skipped", "reason": "not implemented yet (issue 18)"}
+    for fmt in ("bf16", "int8", "int4"):  # int8/int4: weight-only (issue 18), bf16 activations
+        cfg, params = cfg_bf16, params_bf16
+        if fmt != "bf16":
+            cfg, params = quantize_params(jax.tree_util.tree_map(jnp.copy, params_bf16), cfg_bf16, fmt)
+        for batch in (1, 8):
+            prompts = rng.integers(1, cfg.image_context_token_id, (batch, ctx.sizes.prompt)).astype(np.int32)
+            # Best of a few runs each: the difference of two timings is what counts, so noise must stay small.
+            t = {n: best_seconds(lambda n=n, p=prompts, c=cfg, w=params: generate(w, c, p, max_new_tokens=n).tokens,
+                                 max(ctx.sizes.repeats, 3)) for n in (short, long)}
+            if t[long] <= t[short]:
+                raise CheckFailed(f"{fmt} batch {batch}: {long} new tokens took {t[long]:.4f} s, not more than "
+                                  f"{short} ({t[short]:.4f} s): the timings are noise")
+            step_s = (t[long] - t[short]) / (long - short)  # prefill and the first tokens cancel out
+            slots = -(-ctx.sizes.prompt // PROMPT_BUCKET) * PROMPT_BUCKET + long
+            weights, cache = decode_bytes(params, cfg, batch, slots)
+            run = res["runs"][f"{fmt} batch {batch}"] = dict(
+                step_ms=1e3 * step_s, decode_tokens_per_s=batch / step_s,
+                end_to_end_tokens_per_s=batch * long / t[long], weight_bytes_per_step=weights,
+                kv_cache_bytes_per_step=cache)
+            if "bandwidth" in ctx.peaks:
+                run["weights_fraction_of_bandwidth"] = weights / step_s / ctx.peaks["bandwidth"]
+                run["weights_and_cache_fraction_of_bandwidth"] = (weights + cache) / step_s / ctx.peaks["bandwidth"]
+            if fmt != "bf16":
+                run["tokens_per_s_vs_bf16"] = run["decode_tokens_per_s"] / res["runs"][f"bf16 batch {batch}"][
+                    "decode_tokens_per_s"]
+            ctx.log(f"decode: {fmt} batch {batch}: {run}")
+            ctx.target(f"decode {res['model']['params'] / 1e6:.3g}M NVLM-D, {fmt} weights, batch {batch}: weight "
+                       "bytes/step/time vs measured bandwidth", run.get("weights_fraction_of_bandwidth"),
+                       "(reported)", None)
+        del params
 
 
 def section_train(ctx: Context, res: dict) -> None:

@@ -1,6 +1,5 @@
 """bench/device_check.py: the CPU smoke run writes every section, and a failing section stays contained."""
 
-import inspect
 import json
 import math
 import os
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import nvlm_jax
 from bench import device_check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,15 +84,15 @@ def test_cpu_smoke_fractions_and_targets(smoke_report):
     assert s["prefill"]["results"]["runs"]["xla"]["fraction_of_peak"] > 0
     assert s["prefill"]["results"]["tokens"] > s["prefill"]["results"]["text_tokens"]
     runs = s["decode"]["results"]["runs"]
-    for batch in (1, 8):
-        run = runs[f"bf16 batch {batch}"]
-        assert run["decode_tokens_per_s"] > 0 and run["weights_fraction_of_bandwidth"] > 0
-    if "quantize" in inspect.signature(nvlm_jax.load_pretrained).parameters:
-        assert runs["int8"].get("status") != "skipped", "issue 18 landed: time int8 decode in section_decode"
-    else:
-        assert runs["int8"] == {"status": "skipped", "reason": "not implemented yet (issue 18)"}
+    for fmt in ("bf16", "int8", "int4"):
+        for batch in (1, 8):
+            run = runs[f"{fmt} batch {batch}"]
+            assert run["decode_tokens_per_s"] > 0 and run["weights_fraction_of_bandwidth"] > 0
+    # weight bytes per step: int8 about half of bf16, int4 about a quarter (norms/biases stay bf16)
+    bf16, int8, int4 = (runs[f"{f} batch 1"]["weight_bytes_per_step"] for f in ("bf16", "int8", "int4"))
+    assert int4 < int8 < 0.7 * bf16 and int8 > 0.4 * bf16
     assert s["train"]["results"]["mfu"] > 0 and math.isfinite(s["train"]["results"]["loss"])
-    assert len(report["targets"]) == 8
+    assert len(report["targets"]) == 12
     assert all(t["met"] is None for t in report["targets"])  # smoke timings judge nothing
 
 
