@@ -10,6 +10,18 @@ The `--lora` rows compile the project's own training step (`nvlm_jax.train.step`
 freezing, only trainable leaves get gradients and AdamW moments) for NVLM-D-72B on 8 devices:
 "sft8" full SFT (f32 master weights of the LLM and projector, the ViT frozen), "lora8" LoRA
 rank 64 on the LLM with the whole base frozen in bf16 and f32 adapters.
+
+The `--serve` rows compile what `nvlm_jax.generate.generate` runs for one NVLM-D-72B request (a
+6+1-tile image and a 3,200-token prompt, 512 new tokens, greedy): the ViT program and the
+prefill + decode-loop program, through generate's own `runner` hook (lowered and compiled, never
+run), with bf16 activations and bf16, int8 or int4 weights (issue 18): "int8x1" one device,
+"int8x2" two (tensor-parallel), "int4x1" one, "bf16x8" today's 8-device bf16 for reference.
+Each program is compiled twice: as XLA:CPU compiles it, and without while-loop invariant code
+motion ("no LICM"). XLA:CPU has no bf16 (or int) dot: it converts each layer's weights to f32 for
+the dot, simplifies convert(slice(stack)) to slice(convert(stack)) and hoists that convert out of
+the layer loop, so its temp holds an f32 copy of every stacked weight (2x the bf16 params, 4x
+int8) that a GPU/TPU compile, with native bf16 dots, does not have. The no-LICM figure leaves
+one layer's converted weights per step: the estimate to plan a device with.
 """
 
 from __future__ import annotations
@@ -148,6 +160,61 @@ def plan_lora(name: str):
                 total=total, trainable=n_train, params=n, compile_s=seconds, fits_h100=total <= 80 * 1e9 / GIB)
 
 
+# name: (devices, weights, fits-in GB per device)
+SERVE = {"bf16x8": (8, None, 80), "int8x1": (1, "int8", 141), "int8x2": (2, "int8", 80), "int4x1": (1, "int4", 80)}
+SERVE_PROMPT, SERVE_NEW, SERVE_TILES = 3200, 512, 7
+NO_LICM = "while-loop-invariant-code-motion"
+
+
+class _Compiled(Exception):
+    """Ends `generate` after its last program is compiled (nothing runs)."""
+
+
+def plan_serve(name: str):
+    """Per-device memory of each program `generate` compiles for one D-72B request (see module doc)."""
+    import numpy as np
+
+    from nvlm_jax import generate as gen
+    from nvlm_jax.pretrained import choose_mesh
+
+    devices, weights, fits_gb = SERVE[name]
+    cfg = C.nvlm_d_72b().replace(dtype="bfloat16", param_dtype="bfloat16", quantize=weights)
+    mesh = choose_mesh(cfg, devices)
+    boxed = nvlm.abstract_params(cfg)
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    nn.meta.unbox(boxed), tree_shardings(boxed, mesh))
+    image = SERVE_TILES * cfg.num_image_tokens
+    ids = np.full((1, SERVE_PROMPT), 1, np.int32)
+    ids[0, 100 : 100 + image] = cfg.image_context_token_id
+    pixels = np.zeros((SERVE_TILES, cfg.vision.image_size, cfg.vision.image_size, 3), np.float32)
+    programs = {}
+
+    def runner(jitted, *args, **static):
+        lowered = jitted.lower(*args, **static)
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        no_licm = lowered.compile(compiler_options={"xla_disable_hlo_passes": NO_LICM}).memory_analysis()
+        programs[jitted.__name__.lstrip("_")] = dict(
+            args=mem.argument_size_in_bytes / GIB, temp=mem.temp_size_in_bytes / GIB,
+            temp_no_licm=no_licm.temp_size_in_bytes / GIB,
+            total=(no_licm.argument_size_in_bytes + no_licm.output_size_in_bytes + no_licm.temp_size_in_bytes
+                   - no_licm.alias_size_in_bytes) / GIB)
+        if jitted is gen._generate:
+            raise _Compiled
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding),
+                                      compiled.out_info)
+
+    t0 = time.perf_counter()
+    try:
+        gen.generate(params, cfg, ids, pixels, max_new_tokens=SERVE_NEW, mesh=mesh, runner=runner)
+    except _Compiled:
+        pass
+    peak = max(p["total"] for p in programs.values())
+    return dict(name=name, devices=devices, shape=" x ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1)
+                or "1 device", weights=weights or "bf16", params_gib=programs["generate"]["args"], programs=programs,
+                peak=peak, fits_gb=fits_gb, fits=peak <= fits_gb * 1e9 / GIB, compile_s=time.perf_counter() - t0)
+
+
 def _like(x, params, shardings, mesh):
     """Adam moments shard like their params; scalars (counts) replicate."""
     flat = {leaf.shape: s for leaf, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings),
@@ -160,7 +227,22 @@ def main():
     parser.add_argument("--archs", default="D,X,H")
     parser.add_argument("--meshes", default=",".join(MESHES))
     parser.add_argument("--lora", default="", help="LoRA vs full SFT rows: sft8,lora8 ('' = none)")
+    parser.add_argument("--serve", default="", help="generate rows: " + ",".join(SERVE) + " ('' = none)")
     args = parser.parse_args()
+    if args.serve:
+        print(f"D-72B generate: {SERVE_TILES}-tile image, {SERVE_PROMPT}-token prompt, {SERVE_NEW} new tokens, bf16 "
+              "activations; GiB per device (args = params + inputs; temp = XLA temporaries)")
+        print("run | weights | layout | params | ViT program args / temp / temp no LICM | prefill+decode args / temp "
+              "/ temp no LICM | peak (no LICM) | fits")
+        for name in args.serve.split(","):
+            r = plan_serve(name)
+            v, g = r["programs"]["encode_images"], r["programs"]["generate"]
+            print(f"{r['name']} | {r['weights']} | {r['shape']} | {r['params_gib']:.1f} | "
+                  f"{v['args']:.1f} / {v['temp']:.1f} / {v['temp_no_licm']:.1f} | "
+                  f"{g['args']:.1f} / {g['temp']:.1f} / {g['temp_no_licm']:.1f} | {r['peak']:.1f} | "
+                  f"{'yes' if r['fits'] else 'no'} ({r['fits_gb']} GB), compile {r['compile_s']:.0f} s", flush=True)
+        if not args.meshes:
+            return
     if args.lora:
         print("D-72B SFT step on 8 devices (nvlm_jax.train.step), GiB per device")
         print("run | layout | batch x seq | trainable params | args | temp | total (XLA) | compile s | fits 80 GB")
