@@ -11,15 +11,16 @@ a slot's next occupant overwrites its row (stale columns beyond the new prompt a
 segment id 0). A request leaves at a stop token, a stop string, its token budget, or when it is
 cancelled (a client that went away), freeing its slot for the next waiting request.
 
-Nothing recompiles between requests: decode programs exist per attended cache length (a power of
-two above the longest running sequence, so a step costs what the running answers need, not the
-whole context) and prefill programs per prompt bucket; sampling settings (temperature, top-k,
-top-p, seed, repetition/frequency/presence penalties) are per-slot runtime arrays
-(`sample_logits`, `apply_penalties`). Images are encoded once per distinct picture
-(`ImageFeatureCache`, keyed by content hash; the ViT runs per tile-count bucket) and the prefill
-builds the prompt's image context from the cached projected tokens in a fixed number of tile
-slots (`max_images · (max_tiles + 1)` rounded up to a power of two; unused slots are invalid);
-for NVLM-X/H each slot's cross-attention memory stays on the device for its decode steps.
+Nothing recompiles between requests: decode programs exist per cache view (a power of two above
+the longest running sequence: a step costs what the running answers need, not the whole
+context) and for one or all slots (a lone request steps alone), prefill programs per prompt
+bucket; sampling settings (temperature, top-k, top-p, seed, repetition/frequency/presence
+penalties) are per-slot runtime arrays (`sample_logits`, `apply_penalties`). Images are
+encoded once per distinct picture (`ImageFeatureCache`, keyed by content hash; the ViT runs per
+tile-count bucket) and the prefill builds the prompt's image context from the cached projected
+tokens in a fixed number of tile slots (`max_images · (max_tiles + 1)` rounded up to a power of
+two; unused slots are invalid); for NVLM-X/H each slot's cross-attention memory stays on the
+device for its decode steps.
 
 Requests are served by a background thread (`start`); results arrive as events on the
 request's `Handle` (`Delta` text pieces, then one `Finished` or `Failed`).
@@ -124,24 +125,31 @@ def _prefill(params, state, slot, ids, length, features, tile_valid, tile_image,
 
 @functools.partial(jax.jit, static_argnames=("cfg", "view"), donate_argnames=("state",))
 def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg: NVLMConfig, view: int):
-    """One step of every slot: tokens / positions / active `[slots]`. Returns (tokens, state).
+    """One step of the first `b` slots: tokens / positions / active `[b]`, b <= slots (slots
+    are filled lowest first: a lone request is in slot 0). Returns (tokens, state).
 
     Attention covers the first `view` cache columns only (every active slot's position is
-    below it): a step costs what the longest running answer needs, not the whole context.
+    below it): a step costs what the running answers need, not the whole context or every slot.
     """
     model, variables = NVLM(cfg), {"params": params}
+    b = tokens.shape[0]
+    # Batch-major state (cache rows, counts, X/H memory rows) cut to the first b slots.
+    batch_axis = dict(memory_k=1, memory_v=1)
+    part = {name: jax.lax.slice_in_dim(x, 0, b, axis=batch_axis.get(name, 0))
+            for name, x in state.items() if name != "cache"}
+    full = state["cache"]
+    cache = {name: x[:, :b, :view] if name in ("k", "v") else x[:b, :view] for name, x in full.items()}
     context = None
     if cfg.arch in ("X", "H"):
-        context = ImageContext(memory_k=state["memory_k"], memory_v=state["memory_v"],
-                               memory_image=state["memory_image"], memory_tile=state["memory_tile"])
-    images = step_images(cfg, context, state.get("new_image"))
-    full = state["cache"]
-    cache = {name: x[:, :, :view] if name in ("k", "v") else x[:, :view] for name, x in full.items()}
+        context = ImageContext(memory_k=part["memory_k"], memory_v=part["memory_v"],
+                               memory_image=part["memory_image"], memory_tile=part["memory_tile"])
+    images = step_images(cfg, context, part.get("new_image"))
     logits, cache = decode_step(model, variables, tokens, positions, cache, positions, images)
-    cache = {name: jax.lax.dynamic_update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
-    new = _choose(logits, state["counts"], state["seen"], rows)
-    counts = state["counts"].at[jnp.arange(tokens.shape[0]), new].add(active.astype(jnp.int32))
-    return new, dict(state, cache=cache, counts=counts)
+    new = _choose(logits, part["counts"], part["seen"], rows)
+    counts = part["counts"].at[jnp.arange(b), new].add(active.astype(jnp.int32))
+    out = dict(state, counts=jax.lax.dynamic_update_slice(state["counts"], counts, (0, 0)))
+    out["cache"] = {name: jax.lax.dynamic_update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
+    return new, out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -407,10 +415,14 @@ class Engine:
         entry.handle.emit(event)
 
     def _step(self) -> None:
-        active = [s is not None for s in self._slots]
-        tokens = np.asarray([s.last if s is not None else 0 for s in self._slots], np.int32)
-        positions = np.asarray([s.position if s is not None else 0 for s in self._slots], np.int32)
-        rows = self._rows(self._slots)
+        # A lone request in slot 0 steps alone (as fast as `generate` at batch 1); otherwise
+        # every slot steps (two programs per cache view, not one per number of running slots).
+        alone = all(s is None for s in self._slots[1:])
+        slots = self._slots[:1] if alone else self._slots
+        active = [s is not None for s in slots]
+        tokens = np.asarray([s.last if s is not None else 0 for s in slots], np.int32)
+        positions = np.asarray([s.position if s is not None else 0 for s in slots], np.int32)
+        rows = self._rows(slots)
         with mesh_context(self.model.mesh, self.model.rules):
             new, self._state = _decode(self.model.params, self._state, tokens, positions, np.asarray(active), rows,
                                        cfg=self.cfg, view=self._view(int(positions.max())))
