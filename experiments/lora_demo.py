@@ -4,10 +4,11 @@
 
 The main job trained the tiny NVLM-D on "What colour is the shape?" and "What shape is this?".
 This writes a new question type as plain files, the way a user's own data arrives (PNG images
-and LLaVA-style JSONL under `<workdir>/data`): two shapes side by side, "What colour is the left
-shape?" / "... the right shape?". The answers are colour words the model already says; which
-shape to look at is what it has to learn. (New answer words would need the frozen embedding and
-output rows of tokens it never saw: a job for full fine-tuning, not adapters.)
+and LLaVA-style JSONL under `<workdir>/data`): a shape of one colour on a background of another,
+"What colour is the background?". The main job only ever saw grey backgrounds and was asked the
+shape's colour, so out of the box it names the shape's colour; the answers are colour words it
+already says. (New answer words would need the frozen embedding and output rows of tokens it
+never saw: a job for full fine-tuning, not adapters.)
 It then fine-tunes with LoRA adapters only (`experiments/configs/finetune.py`, rank 8 on the
 LLM's attention and MLP and on the projector; every base weight frozen), reports the held-out
 exact match and the wall time, and checks that the base weights are bit-identical to the init
@@ -44,55 +45,43 @@ _EVAL = flags.DEFINE_integer("eval_size", 200, "Held-out examples written (evalu
 _TARGETS = flags.DEFINE_string("targets", "llm,projector", "LoRA targets (nvlm_jax/config.py LoraConfig).")
 _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 
-SIDES = ("left", "right")
+QUESTION = "What colour is the background?"
 
 
-def draw(rng: np.random.Generator, size: int = 28, scale: int = 4) -> tuple[Image.Image, dict[str, str]]:
-    """Two shapes of different colours, one in each half of a grey square (drawn at 4x and
-    box-downsampled, like the main job's images); returns the image and each side's colour."""
-    grey = int(rng.integers(200, 256))
-    full = size * scale
-    canvas = Image.new("RGB", (full, full), (grey, grey, grey))
-    d = ImageDraw.Draw(canvas)
+def draw(rng: np.random.Generator, size: int = 28, scale: int = 4) -> tuple[Image.Image, str]:
+    """A shape of one colour on a background of another (drawn at 4x and box-downsampled, like
+    the main job's images); returns the image and the background's colour name."""
     names = list(synthetic.COLOURS)
-    picked = rng.choice(len(names), size=2, replace=False)
-    colours = {}
-    for side_name, k in zip(SIDES, picked, strict=True):
-        side = float(rng.uniform(0.36, 0.46)) * full
-        x_lo = 0.0 if side_name == "left" else full / 2
-        x0 = float(rng.uniform(x_lo, x_lo + full / 2 - side))
-        y0 = float(rng.uniform(0, full - side))
-        box = (x0, y0, x0 + side, y0 + side)
-        fill = synthetic.COLOURS[names[k]]
-        shape = int(rng.integers(3))
-        if shape == 0:
-            d.ellipse(box, fill=fill)
-        elif shape == 1:
-            d.rectangle(box, fill=fill)
-        else:
-            d.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)
-        colours[side_name] = names[k]
-    return canvas.resize((size, size), Image.Resampling.BOX), colours
-
-
-def question(side: str) -> str:
-    return f"What colour is the {side} shape?"
+    back, front = (names[int(k)] for k in rng.choice(len(names), size=2, replace=False))
+    full = size * scale
+    canvas = Image.new("RGB", (full, full), synthetic.COLOURS[back])
+    d = ImageDraw.Draw(canvas)
+    side = float(rng.uniform(0.7, 0.85)) * full  # the shape covers most of the image
+    x0, y0 = float(rng.uniform(0, full - side)), float(rng.uniform(0, full - side))
+    box = (x0, y0, x0 + side, y0 + side)
+    fill = synthetic.COLOURS[front]
+    shape = int(rng.integers(3))
+    if shape == 0:
+        d.ellipse(box, fill=fill)
+    elif shape == 1:
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)
+    return canvas.resize((size, size), Image.Resampling.BOX), back
 
 
 def write_task(folder: str, split: str, count: int, seed: int) -> str:
-    """`count` images under `folder/images` and `folder/<split>.jsonl` (LLaVA conversations),
-    asking alternately about the left and the right shape."""
+    """`count` images under `folder/images` and `folder/<split>.jsonl` (LLaVA conversations)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     path = os.path.join(folder, f"{split}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for i in range(count):
-            image, colours = draw(rng)
-            side = SIDES[i % 2]
+            image, back = draw(rng)
             name = f"images/{split}_{i:05d}.png"
             image.save(os.path.join(folder, name))
             record = {"id": f"{split}-{i}", "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\n{question(side)}"}, {"from": "gpt", "value": colours[side]}]}
+                {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": back}]}
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -125,6 +114,21 @@ def demo_config(init: str, data: str, steps: int, rank: int, eval_size: int, tar
     return c
 
 
+def base_score(c) -> dict[str, float]:
+    """The held-out metrics of the init model itself, before any fine-tuning (same evaluator)."""
+    import jax
+
+    from nvlm_jax.train import loop
+
+    base = c.copy_and_resolve_references()
+    base.lora.rank = 0
+    run = launch.prepare(base)
+    mesh = loop.build_mesh(launch.loop_config(base))
+    params = launch.params_initializer(base, run.model)(mesh)
+    with jax.set_mesh(mesh):
+        return dict(run.evaluator(params, 0))
+
+
 def base_weights_unchanged(init: str, workdir: str) -> bool:
     """Every base weight of the fine-tuned checkpoint equals the init checkpoint's, bit for bit."""
     from nvlm_jax.checkpoint import restore
@@ -149,18 +153,23 @@ def _flat(tree, prefix=""):
 
 def run(init: str, workdir: str, steps: int, rank: int, train_size: int, eval_size: int,
         targets: str = "llm,projector", lr: float = 3e-3) -> dict:
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     data = os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(data, "eval.jsonl")):
         write_task(data, "train", train_size, seed=1)
         write_task(data, "eval", eval_size, seed=2)
     c = demo_config(init, data, steps, rank, eval_size, targets, lr)
+    before = base_score(c)
+    start = time.perf_counter()  # the fine-tune itself: data already written, base already scored
     result = launch.train(c, os.path.join(workdir, "run"))
     wall = time.perf_counter() - start
+    data_s = start - t0
     summary = {
-        "task": "What colour is the left / right shape?", "steps": steps, "rank": rank, "targets": targets, "lr": lr,
+        "task": QUESTION, "steps": steps, "rank": rank, "targets": targets, "lr": lr,
+        "held_out_before": before,
         "held_out": {k: v for k, v in result.last_eval.items()},
-        "wall_s": round(wall, 1),
+        "fine_tune_wall_s": round(wall, 1),
+        "data_and_base_score_s": round(data_s, 1),
         "base_bit_identical": base_weights_unchanged(init, os.path.join(workdir, "run")),
     }
     with open(os.path.join(workdir, "lora_demo.json"), "w") as f:
