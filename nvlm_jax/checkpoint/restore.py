@@ -11,6 +11,7 @@ checkpoint written on one mesh restores onto any other (each device reads only i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nvlm_jax.checkpoint import folders
+from nvlm_jax.checkpoint import folders, frozen_base
 from nvlm_jax.checkpoint.folders import (
     FORMAT,
     FORMAT_VERSION,
@@ -37,6 +38,8 @@ from nvlm_jax.processing.prompt_format import DEFAULT_SYSTEM_MESSAGE, PromptForm
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, tree_shardings
 
 HF_PROMPT_FORMAT_KEY = "nvlm_jax_prompt_format"  # our full record inside an exported config.json
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +227,14 @@ def _prune(tree):
     return tree
 
 
+def _stored_leaves(ckptr, directory) -> dict[str, Any]:
+    """{"a/b/c": array metadata} of the leaves an Orbax PyTree checkpoint holds."""
+    meta = ckptr.metadata(directory)
+    stored = getattr(meta, "item_metadata", meta)
+    stored = getattr(stored, "tree", stored)
+    return {_path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+
+
 def restore_params(
     directory: str | os.PathLike, target: Any, *, allow_missing: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
@@ -252,10 +263,7 @@ def restore_params(
     if not directory.is_dir():
         raise FileNotFoundError(f"params checkpoint folder {directory} does not exist")
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(directory)
-        stored = getattr(meta, "item_metadata", meta)
-        stored = getattr(stored, "tree", stored)
-        stored_leaves = {_path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+        stored_leaves = _stored_leaves(ckptr, directory)
         problems, missing = [], []
 
         def keep(path, t):
@@ -298,10 +306,50 @@ def load_params(
     if loc.kind == "converted":
         return restore_params(loc.params_dir, target, allow_missing=allow_missing)
     if loc.is_training:
+        run = read_run_config(loc.step_dir)
+        if frozen_base.RECORD_KEY in run:
+            return _load_lora_checkpoint(loc, run, cfg, target, mesh, rules), []
         params, missing = restore_params(loc.params_dir, {"params": target}, allow_missing=allow_missing)
         return params.get("params", {}), [m.removeprefix("params/") for m in missing]
     raise ValueError(f"{loc.path}: a {loc.describe()} holds no Orbax params (import it with nvlm_jax.convert, "
                      "or load it with nvlm_jax.load_pretrained)")
+
+
+def _load_lora_checkpoint(loc: Located, run: Mapping[str, Any], cfg: NVLMConfig, target, mesh, rules) -> dict:
+    """The full params of a LoRA training checkpoint that holds only its trainable params: the
+    frozen base re-created from the run's recorded init source (checked against its recorded
+    fingerprint, in the run's own dtypes), cast to `target`'s, plus the saved params."""
+    import orbax.checkpoint as ocp
+
+    record, where = run[frozen_base.RECORD_KEY], str(loc.step_dir)
+    try:
+        train_cfg = NVLMConfig.from_dict(run["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: the saved run config has no readable model config: {e}") from e
+    if train_cfg.lora != cfg.lora:
+        raise ValueError(f"{where}: the run trained LoRA adapters {train_cfg.lora}, the model config asks for "
+                         f"{cfg.lora}")
+    directory = as_path(loc.params_dir)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        saved = {p.removeprefix("params/") for p in _stored_leaves(ckptr, directory) if p.startswith("params/")}
+    try:
+        full = run_init_params(record.get("init") or {}, int(record.get("seed", 0)), train_cfg, mesh, rules)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{where}: this LoRA checkpoint holds only its trainable params; its frozen base comes "
+                         f"from {frozen_base.describe(record)}, which cannot be read: {e}") from e
+    frozen = frozen_base.select(full, saved, keep=False)
+    frozen_base.check(record, frozen, where)
+    expected = set(frozen_base.leaf_paths(target))
+    odd = sorted(saved - expected)
+    if odd:
+        raise ValueError(f"{where}: saved params {odd[:5]} are not params of this model config")
+    params, _ = restore_params(directory, {"params": frozen_base.select(target, saved)})
+    kinds = frozen_base.select(target, saved, keep=False)
+    if set(frozen_base.leaf_paths(kinds)) != set(frozen_base.leaf_paths(frozen)):
+        diff = sorted(set(frozen_base.leaf_paths(kinds)) ^ set(frozen_base.leaf_paths(frozen)))
+        raise ValueError(f"{where}: the re-created base and this model config differ in params {diff[:5]}")
+    frozen = jax.tree_util.tree_map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), frozen, kinds)
+    return frozen_base.overlay(frozen, params.get("params", {}))
 
 
 def load_our_params(
@@ -344,6 +392,33 @@ def init_source(checkpoint: str | os.PathLike, config_json: str | os.PathLike | 
                          "(python -m nvlm_jax.convert --hf_dir=... --out_dir=...)")
     cfg = read_model_config_json(config_json) if config_json else read_info(loc).config
     return loc, cfg
+
+
+def run_init_params(init: Mapping[str, Any], seed: int, cfg: NVLMConfig, mesh: jax.sharding.Mesh | None,
+                    rules: LogicalRules = DEFAULT_RULES) -> dict[str, Any]:
+    """A training run's initial params, from its `init` section (`checkpoint`, `config_json`,
+    `allow_missing`) and `seed`: the seeded random init without a checkpoint; else what the
+    checkpoint holds (its own LoRA adapters, if it was LoRA-tuned, folded into its weights;
+    leaves it lacks freshly initialised when `allow_missing`), with fresh adapters when
+    `cfg.lora.rank`. The launcher's init, and the re-creation of a LoRA checkpoint's base."""
+    from nvlm_jax.models import lora as lora_lib
+
+    checkpoint, config_json = init.get("checkpoint") or "", init.get("config_json") or None
+    if not checkpoint:
+        return nvlm_model.init_params(cfg, jax.random.key(seed), mesh, rules)
+    _, source = init_source(checkpoint, config_json)
+    base_cfg = cfg.replace(lora=source.lora)
+    params, missing = init_params(checkpoint, base_cfg, mesh, config_json=config_json,
+                                  allow_missing=bool(init.get("allow_missing", False)), rules=rules)
+    if missing:
+        log.warning("initialising %d params missing from %s: %s", len(missing), checkpoint, missing)
+        fresh = nvlm_model.init_params(base_cfg, jax.random.key(seed), mesh, rules)
+        params = frozen_base.overlay(fresh, params)
+    if base_cfg.lora.rank:
+        params, _ = lora_lib.merge(params, base_cfg)
+    if cfg.lora.rank:
+        params = lora_lib.with_adapters(params, lora_lib.init_adapters(cfg, jax.random.key(seed), mesh, rules))
+    return params
 
 
 def init_params(checkpoint: str | os.PathLike, cfg: NVLMConfig, mesh: jax.sharding.Mesh, *,

@@ -15,6 +15,8 @@ thumbnail is the last valid tile slot of each image.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +24,10 @@ from flax import linen as nn
 from flax import struct
 
 from nvlm_jax.config import NVLMConfig
+from nvlm_jax.models import quantize
 from nvlm_jax.models.cross_attention import GatedCrossAttention, cross_attention_mask
 from nvlm_jax.models.intern_vit import InternViT
 from nvlm_jax.models.llm import LLM, Cache, CrossAttentionInputs
-from nvlm_jax.models import quantize
 from nvlm_jax.models.projector import Projector, pixel_shuffle
 from nvlm_jax.models.stacked import stacked_init
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, tree_shardings
@@ -301,15 +303,23 @@ def init_params(
     rules: LogicalRules = DEFAULT_RULES,
 ):
     """Freshly initialised params as a plain nested dict, sharded over `mesh` when given."""
+    if mesh is None:
+        return _jitted_init(cfg, None, rules)(rng)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return _jitted_init(cfg, mesh, rules)(rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: LogicalRules):
+    """The jitted initialiser, compiled once per configuration (a LoRA run re-creates its frozen
+    base from it on every resume and load)."""
 
     def init(key):
         return nn.meta.unbox(_init(cfg, key))
 
     if mesh is None:
-        return jax.jit(init)(rng)
-    shardings = tree_shardings(abstract_params(cfg), mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(init, out_shardings=shardings)(rng)
+        return jax.jit(init)
+    return jax.jit(init, out_shardings=tree_shardings(abstract_params(cfg), mesh, rules))
 
 
 def check_mesh(cfg: NVLMConfig, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES) -> None:

@@ -4,7 +4,9 @@ latest / best step, the saved run config, restoring the params onto a mesh) is
 from there.
 
 A training checkpoint `<workdir>/checkpoints/<step>/` holds three items:
-  - ``state``: the `TrainState` (params, optimizer state, counters), saved sharded;
+  - ``state``: the `TrainState` (params, optimizer state, counters), saved sharded; a LoRA
+    run's params here are its trainable ones only, its frozen base re-created from the init
+    source recorded in ``config`` (`nvlm_jax.checkpoint.frozen_base`);
   - ``data``: the data iterators' states, one JSON file per data shard
     (``shard_<i>-of-<n>.json``; Grain dict states as they are, byte states base64-encoded),
     captured when `save` is called, so a resumed run sees exactly the batches the interrupted

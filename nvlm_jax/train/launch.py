@@ -37,10 +37,9 @@ from typing import Any
 import jax
 
 from nvlm_jax import config as model_config_lib
+from nvlm_jax.checkpoint import frozen_base
 from nvlm_jax.checkpoint import restore as restore_lib
 from nvlm_jax.config import LoraConfig, NVLMConfig
-from nvlm_jax.models import lora as lora_lib
-from nvlm_jax.models import nvlm
 from nvlm_jax.processing.prompt_format import PromptFormat
 from nvlm_jax.train import checkpoint as ckpt_lib
 from nvlm_jax.train import evaluate as eval_lib
@@ -280,37 +279,13 @@ def make_evaluator(c, cfg: NVLMConfig, tokenizer) -> eval_lib.ExactMatchEvaluato
 
 
 def params_initializer(c, cfg: NVLMConfig) -> loop_lib.InitParams | None:
-    """`mesh -> params` restoring `init.checkpoint` (missing leaves freshly initialised when
-    `init.allow_missing`), or None for a from-scratch run."""
+    """`mesh -> params` restoring `init.checkpoint` (its own adapters folded in; missing leaves
+    freshly initialised when `init.allow_missing`; fresh adapters of the run's own), or None for
+    a from-scratch run (see `restore.run_init_params`)."""
     if not c.init.checkpoint:
         return None
-
-    def init(mesh: jax.sharding.Mesh):
-        # Restore what the checkpoint holds (its own adapters, if it was LoRA-tuned), fold those
-        # adapters into its weights, then give the run fresh adapters of its own.
-        _, source = restore_lib.init_source(c.init.checkpoint, c.init.config_json or None)
-        base_cfg = cfg.replace(lora=source.lora)
-        params, missing = restore_lib.init_params(c.init.checkpoint, base_cfg, mesh,
-                                                  config_json=c.init.config_json or None,
-                                                  allow_missing=c.init.allow_missing)
-        if missing:
-            log.warning("initialising %d params missing from %s: %s", len(missing), c.init.checkpoint, missing)
-            fresh = nvlm.init_params(base_cfg, jax.random.key(c.seed), mesh)
-            params = _fill(fresh, params)
-        if base_cfg.lora.rank:
-            params, _ = lora_lib.merge(params, base_cfg)
-        if cfg.lora.rank:
-            params = lora_lib.with_adapters(params, lora_lib.init_adapters(cfg, jax.random.key(c.seed), mesh))
-        return params
-
-    return init
-
-
-def _fill(fresh, restored):
-    """`fresh` with every leaf present in the (possibly partial) nested dict `restored` replaced."""
-    if not isinstance(fresh, Mapping):
-        return restored
-    return {k: _fill(v, restored[k]) if k in restored else v for k, v in fresh.items()}
+    init = _plain(c.init)
+    return lambda mesh: restore_lib.run_init_params(init, c.seed, cfg, mesh)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -363,6 +338,15 @@ def prepare(c) -> Run:
     return Run(c, cfg, tokenizer, make_evaluator(c, cfg, tokenizer))
 
 
+def saved_run_config(c, cfg: NVLMConfig) -> dict[str, Any]:
+    """What is saved with every checkpoint: the run config, its prompt format, and the init
+    paths made absolute (a LoRA checkpoint re-creates its base from them, from any folder)."""
+    out = dict(_plain(c), prompt_format=prompt_format(c, cfg).to_dict())
+    out["init"] = dict(out.get("init") or {}, checkpoint=frozen_base.absolute(c.init.checkpoint),
+                       config_json=frozen_base.absolute(c.init.get("config_json", "")))
+    return out
+
+
 def train(c, workdir: str | os.PathLike, *, console: bool = True, run: Run | None = None) -> loop_lib.TrainResult:
     """Trains as run config `c` says, in `workdir` (resuming from its checkpoints if any)."""
     run = run or prepare(c)
@@ -371,7 +355,7 @@ def train(c, workdir: str | os.PathLike, *, console: bool = True, run: Run | Non
         return loop_lib.train(
             run.model, loop_config(c), optim_config(c), checkpoint_config(c), workdir, it,
             init_params=params_initializer(c, run.model), evaluate=run.evaluator,
-            run_config=dict(_plain(c), prompt_format=prompt_format(c, run.model).to_dict()), console=console,
+            run_config=saved_run_config(c, run.model), console=console,
         )
     finally:
         it.close()

@@ -4,7 +4,10 @@ repeated non-finite steps.
 Resuming: when the checkpoint folder holds a complete checkpoint, the state (params, optimizer
 state, counters) and the data iterator state are restored from the latest one and training
 continues from its step; the run's loss curve then continues exactly as if never interrupted
-(same batches, same compiled step, same numbers).
+(same batches, same compiled step, same numbers). A LoRA run's checkpoints hold its trainable
+params only: on resume the frozen base is re-created by the run's init (`init_params`, or the
+seeded random init) and must match the fingerprint saved with the checkpoint
+(`nvlm_jax.checkpoint.frozen_base`).
 
 Multiple processes (hosts): every process runs this loop on its own rows of each global batch
 (`train_iter` yields them) and takes the same decisions from the same replicated metrics;
@@ -31,6 +34,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from nvlm_jax.checkpoint import frozen_base
 from nvlm_jax.checkpoint.paths import local_path
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.data.batch import validate_batch
@@ -164,7 +168,10 @@ def train(
 
     Args:
       init_params: `mesh -> params` for a fresh run (default: random init with `loop_cfg.seed`);
-        not called when resuming from `workdir/checkpoints`.
+        when resuming, only called by LoRA runs (their frozen base is not in the checkpoints).
+        A LoRA run with its own `init_params` saves only its trainable params when
+        `run_config["init"]["checkpoint"]` names what `init_params` restores (the launcher's
+        init, which loading the workdir re-creates), else its whole params.
       evaluate: `(params, step) -> {name: value}` on held-out data, logged under "eval/";
         called every `eval_every` steps and at the end.
       run_config: JSON-able description of the run saved with every checkpoint.
@@ -186,21 +193,44 @@ def train(
     multihost.barrier("train start")
     ckpts = TrainCheckpoints(workdir / CHECKPOINT_DIR, ckpt_cfg)
     run_config = dict(run_config or {}, model=model_cfg.to_dict())
+    # LoRA: checkpoints hold the trainable params only, the frozen base is re-created from the
+    # run's init source (`nvlm_jax.checkpoint.frozen_base`).
+    trainable = frozenset(frozen_base.path_str(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m)
+    slim_shapes = state_shapes.replace(params=frozen_base.select(state_shapes.params, trainable)) \
+        if model_cfg.lora.rank else None
+    base_init = _base_init(model_cfg, init_params, run_config)
+    if init_params is None:
+        def init_params(m):
+            return nvlm.init_params(model_cfg, jax.random.key(loop_cfg.seed), m, rules)
     logger = None
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            restored = _restore_latest_usable(ckpts, state_shapes, train_iter, run_config,
+            restored = _restore_latest_usable(ckpts, state_shapes, slim_shapes, train_iter, run_config,
                                               loop_cfg.allow_resume_changes)
             resumed_from = None if restored is None else restored.step
+            base = None  # the frozen-base record saved with the checkpoints (LoRA)
             if restored is not None:
                 state = restored.state
-                log.info("resumed from %s (step %d)", ckpts.directory / str(resumed_from), resumed_from)
+                where = ckpts.directory / str(resumed_from)
+                if frozen_base.RECORD_KEY in restored.run_config:
+                    base = restored.run_config[frozen_base.RECORD_KEY]
+                    full = init_params(mesh)
+                    frozen_base.check(base, frozen_base.select(full, trainable, keep=False), str(where))
+                    state = state.replace(params=frozen_base.overlay(frozen_base.select(full, trainable, keep=False),
+                                                                     state.params))
+                log.info("resumed from %s (step %d)", where, resumed_from)
             else:
-                if init_params is None:
-                    params = nvlm.init_params(model_cfg, jax.random.key(loop_cfg.seed), mesh, rules)
-                else:
-                    params = init_params(mesh)
+                params = init_params(mesh)
+                state = None
+            if base_init is None:
+                base = None
+            elif base is None:  # fresh, or resumed from a checkpoint holding the whole params
+                frozen = frozen_base.select(params if state is None else state.params, trainable, keep=False)
+                base = frozen_base.make_record(frozen, base_init, loop_cfg.seed)
+            if state is None:
                 state = _jitted_state_init(model_cfg, optim_cfg, loop_cfg.stage, mesh, rules)(params)
+            if base is not None:
+                run_config = dict(run_config, **{frozen_base.RECORD_KEY: base})
             start = int(state.step)
             log.info("params: %d total, %d trainable (stage %s)", count_params(shapes),
                      count_params(trainable_shapes), loop_cfg.stage)
@@ -209,15 +239,31 @@ def train(
             else:
                 logger = NullLogger()  # same metrics as process 0's: one copy of the logs
             return _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, logger, evaluate,
-                        run_config, resumed_from)
+                        run_config, resumed_from, trainable)
     finally:
         ckpts.close()
         if logger is not None:
             logger.close()
 
 
-def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, train_iter, run_config: Mapping[str, Any],
-                           allow_changes: bool):
+def _base_init(model_cfg: NVLMConfig, init_params: InitParams | None, run_config: Mapping[str, Any]):
+    """The init section a LoRA run's frozen base is re-created from (empty checkpoint = the
+    seeded random init), or None when the run saves its whole params: no LoRA, or an
+    `init_params` whose source the run config does not name (`init.checkpoint`)."""
+    if not model_cfg.lora.rank:
+        return None
+    if init_params is None:
+        return {"checkpoint": ""}
+    init = run_config.get("init") or {}
+    if not init.get("checkpoint"):
+        log.info("LoRA run with its own init_params and no run_config init.checkpoint: its checkpoints hold the "
+                 "whole params (the base cannot be re-created from the workdir alone)")
+        return None
+    return init
+
+
+def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, slim_shapes, train_iter,
+                           run_config: Mapping[str, Any], allow_changes: bool):
     """The latest checkpoint that restores completely, its data-iterator state set on
     `train_iter`; None when there is no checkpoint (a fresh run).
 
@@ -225,7 +271,8 @@ def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, train_iter, ru
     needs, are set aside (renamed `<step>.unusable`, never deleted) with a warning naming why,
     once an older one has restored. If none restores, nothing is renamed and a ValueError lists
     every step's reason (a run never silently starts over). A run config that changed in ways
-    that break exact resumption is refused (`resume.ResumeConfigError`) unless `allow_changes`."""
+    that break exact resumption is refused (`resume.ResumeConfigError`) unless `allow_changes`.
+    A LoRA checkpoint saved with its trainable params only restores into `slim_shapes`."""
     layout = data_shard_layout(train_iter)
     needs_data = hasattr(train_iter, "set_state")
     unusable: list[tuple[int, str]] = []
@@ -240,7 +287,8 @@ def _restore_latest_usable(ckpts: TrainCheckpoints, state_shapes, train_iter, ru
         if changes:
             log.warning("resuming from %s despite config changes (allow_resume_changes): %s", where, "; ".join(changes))
         try:
-            restored = ckpts.restore(state_shapes, step=step, data_shards=layout)
+            slim = frozen_base.RECORD_KEY in saved and slim_shapes is not None
+            restored = ckpts.restore(slim_shapes if slim else state_shapes, step=step, data_shards=layout)
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file fails in many ways
             unusable.append((step, f"{where}: cannot restore it: {type(e).__name__}: {e}"))
             continue
@@ -306,7 +354,7 @@ def _global_batch(mesh: jax.sharding.Mesh, local_rows: int) -> int:
 
 
 def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, logger, evaluate, run_config,
-         resumed_from) -> TrainResult:
+         resumed_from, trainable: frozenset[str]) -> TrainResult:
     step = int(state.step)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
@@ -386,6 +434,9 @@ def _run(model_cfg, loop_cfg, optim_cfg, state, train_iter, mesh, rules, ckpts, 
         if save_now and metrics["nonfinite_run"] == 0:
             # Only states right after an applied update are saved (never in a run of skips).
             best = {f"eval/{k}": v for k, v in eval_metrics.items()} if eval_metrics else None
-            ckpts.save(step, state, data_state, run_config, metrics=best)
+            saved = state
+            if frozen_base.RECORD_KEY in run_config:
+                saved = state.replace(params=frozen_base.select(state.params, trainable))
+            ckpts.save(step, saved, data_state, run_config, metrics=best)
     ckpts.wait()
     return TrainResult(state, last_train, last_eval, resumed_from)

@@ -21,6 +21,9 @@ FREE_TO_CHANGE = (
     "data.eval_size", "optim.total_steps",
     # Derived from data.* and model, which are compared; checkpoints from before it was saved lack it.
     "prompt_format.",
+    # A LoRA run's frozen-base record (`nvlm_jax.checkpoint.frozen_base`): checked on its own,
+    # by re-creating the base and comparing fingerprints.
+    "frozen_base.",
 )
 
 
