@@ -81,6 +81,8 @@ def test_export_from_a_training_workdir_carries_its_prompt_format(tmp_path):
     (["--export_from={ckpt}", "--out_dir=."], "already exists (pass --overwrite to replace it)"),
     (["--hf_dir={ckpt}", "--out_dir=o", "--max_shard_size=lots"], "cannot parse size 'lots'"),
     (["--out_dir=o"], "exactly one of: --hf_dir, --export_from"),
+    (["--export_from={ckpt}", "--out_dir=o", "--quantize=int8"], "--quantize applies to --hf_dir imports"),
+    (["--hf_dir={ckpt}", "--out_dir=o", "--quantize=int4", "--mesh=1,1,1"], "--quantize streams through one host"),
 ])
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     run = _run_cli([a.format(ckpt=hc.tiny_converted()) for a in args], cwd=tmp_path)
