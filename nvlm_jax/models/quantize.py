@@ -17,9 +17,10 @@ Conventions follow qwix (symmetric absmax calibration, bound qmax + 0.5, round h
 clip to the integer range), so `qwix.quantize` is the tests' oracle. The one quantizer works on
 numpy (host-side streaming conversion, slab by slab) and on jax arrays (under jit).
 
-Which params are quantized is decided by the model: `NVLMConfig.quantize` makes
-`nvlm.abstract_params` trace the model inside `quantized_init(mode)`, where every `Linear` declares
-`kernel_q`/`kernel_scale`; at apply time a Linear is quantized when its params hold `kernel_q`.
+Which params are quantized is decided by the model: `NVLM.init` and `NVLM.apply` run inside
+`quantized_init(cfg.quantize)`, where every `Linear` being initialised declares `kernel_q` /
+`kernel_scale` (flax re-runs the stacked layers' initializer on every apply to check shapes, so
+apply needs the mode too); at apply time a Linear is quantized when its params hold `kernel_q`.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def mode_of(kernel_q) -> str:
 
 @contextlib.contextmanager
 def quantized_init(mode: str | None) -> Iterator[None]:
-    """Inside, initialising a model makes every `Linear` declare quantized params of `mode`
-    (None: plain kernels)."""
+    """Inside, initialising a model (or a flax shape check of a stacked initializer during apply)
+    makes every `Linear` declare quantized params of `mode` (None: plain kernels)."""
     token = _INIT_MODE.set(check_mode(mode))
     try:
         yield
