@@ -204,7 +204,9 @@ def bench_model(name: str, args) -> dict:
     questions = [f"{QUESTIONS[i % len(QUESTIONS)]} " + "Please answer. " * (i % 4) for i in range(args.requests)]
     proc, base = start_server(name, args.max_len)
     try:
-        run_clients(base, questions[:8], 8, args.max_tokens)  # warm-up: compiles every bucket and the step
+        # Warm-up: compiles every prompt bucket and the decode programs (one slot alone, all slots).
+        run_clients(base, questions[:4], 1, args.max_tokens)
+        run_clients(base, questions[:8], 8, args.max_tokens)
         run_generate(model, questions[:8], args.max_tokens)
         rows = {"generate, one by one": run_generate(model, questions, args.max_tokens)}
         for clients in (1, 4, 8):
