@@ -7,7 +7,8 @@ those files from the page cache (fsync + POSIX_FADV_DONTNEED, so the conversion 
 disk), then runs `nvlm_jax.convert.convert` in a fresh subprocess and reports its wall time,
 source GB/s and peak RSS (VmHWM) against the target `1.5 x largest tensor + 1 GB`.
 
-Run from the repo root: `python bench/convert.py [--gb 4.3] [--keep DIR]`.
+Run from the repo root: `python bench/convert.py [--gb 4.3] [--keep DIR] [--quantize int8|int4]`
+(`--quantize`: the conversion stores quantized Linear kernels, quantized while streaming).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 from nvlm_jax import convert
 t = time.perf_counter()
-convert.convert({src!r}, {dst!r}, dtype="bfloat16", progress=False)
+convert.convert({src!r}, {dst!r}, dtype="bfloat16", progress=False, quantize={quantize!r})
 wall = time.perf_counter() - t
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 print(json.dumps(dict(wall=wall, vmhwm_kb=int(status["VmHWM"].split()[0]),
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--llm_layers", type=int, default=3, help="LLM layers (3 gives ~4.3 GB)")
     parser.add_argument("--shard_gb", type=float, default=1.0)
     parser.add_argument("--keep", type=str, default=None, help="work in this folder and keep it")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="store quantized kernels")
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nvlm_bench_convert_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -177,7 +179,7 @@ def main() -> None:
         print(f"synthetic checkpoint: {total / GB:.2f} GB in {shards} shards, largest tensor {largest / GB:.2f} GB "
               f"(written in {time.perf_counter() - t:.0f} s, evicted from the page cache)")
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        code = CHILD.format(repo=str(REPO_ROOT), src=str(src), dst=str(dst))
+        code = CHILD.format(repo=str(REPO_ROOT), src=str(src), dst=str(dst), quantize=args.quantize)
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(run.stderr[-3000:])
@@ -185,7 +187,8 @@ def main() -> None:
         peak = r["vmhwm_kb"] * 1024
         target = 1.5 * largest + 1 * GB
         out_bytes = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
-        print(f"convert: {r['wall']:.1f} s, {total / GB / r['wall']:.2f} GB/s of source data, "
+        print(f"convert{' --quantize=' + args.quantize if args.quantize else ''}: {r['wall']:.1f} s, "
+              f"{total / GB / r['wall']:.2f} GB/s of source data, "
               f"output {out_bytes / GB:.2f} GB (Orbax, zstd)")
         print(f"peak RSS (VmHWM): {peak / GB:.2f} GB; target 1.5 x largest tensor + 1 GB = {target / GB:.2f} GB "
               f"-> {'OK' if peak <= target else 'OVER'}")

@@ -5,7 +5,7 @@ folders and training checkpoints stored unquantized).
 
 Host memory: a quantized param is produced one layer slab at a time, in row chunks of at most
 `CHUNK_BYTES` of float32 work, so converting or loading quantized needs the quantized param
-plus one source slab, within the conversion bound of 1.5 x the largest tensor + 1 GB.
+plus one source slab (`QuantizedParam.slab_nbytes` counts both, for the streamed writer's budget).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.models import quantize as q_lib
 from nvlm_jax.sharding import DEFAULT_RULES, LogicalRules, tree_shardings
 
-CHUNK_BYTES = 64 * 1024**2
+CHUNK_BYTES = 16 * 1024**2
 
 
 def quantize_host(w: np.ndarray, scale_shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +64,12 @@ class QuantizedParam(StreamedParam):
         self.layered = source.layered
         self.shape = source.shape if which == "kernel_q" else self.scale_shape
         self.dtype = q_lib.qdtype(mode) if which == "kernel_q" else np.dtype(q_lib.SCALE_DTYPE)
+
+    @property
+    def slab_nbytes(self) -> int:
+        # What producing one slab holds: the source slab and the quantized one. The streamed
+        # writer budgets its in-flight slabs by this, so two large quantizations never overlap.
+        return self.source.slab_nbytes + super().slab_nbytes
 
     def _quantized(self, layer: int | None) -> tuple[np.ndarray | None, np.ndarray]:
         if self.which == "kernel_scale" and layer in self.scales:
