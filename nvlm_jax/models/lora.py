@@ -10,7 +10,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from typing import Any
@@ -87,22 +86,7 @@ def init_adapters(cfg: NVLMConfig, rng: jax.Array, mesh: jax.sharding.Mesh | Non
     weights' initialisers: this costs adapter memory only, at any model size."""
     if not cfg.lora.rank:
         raise ValueError("init_adapters: the model config has lora.rank = 0 (no adapters)")
-    if mesh is None:
-        return _jitted_init(cfg, None, rules)(rng)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return _jitted_init(cfg, mesh, rules)(rng)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: LogicalRules):
-    """Compiled once per configuration (a LoRA run re-creates its init on resume and load)."""
-
-    def init(key):
-        return adapters(nn.meta.unbox(nvlm._init(cfg, key)))
-
-    if mesh is None:
-        return jax.jit(init)
-    return jax.jit(init, out_shardings=adapters(tree_shardings(nvlm.abstract_params(cfg), mesh, rules)))
+    return nvlm.init_params(cfg, rng, mesh, rules, select=adapters)
 
 
 def _delta(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

@@ -16,6 +16,8 @@ thumbnail is the last valid tile slot of each image.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -301,25 +303,30 @@ def init_params(
     rng: jax.Array,
     mesh: jax.sharding.Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
+    select: Callable[[Any], Any] | None = None,
 ):
-    """Freshly initialised params as a plain nested dict, sharded over `mesh` when given."""
+    """Freshly initialised params as a plain nested dict, sharded over `mesh` when given.
+
+    `select` (a tree -> subtree function, e.g. `lora.adapters`) returns only part of them; the
+    rest of the init is traced but dropped by XLA, so it costs the part's memory only."""
     if mesh is None:
-        return _jitted_init(cfg, None, rules)(rng)
+        return _jitted_init(cfg, None, rules, select)(rng)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return _jitted_init(cfg, mesh, rules)(rng)
+        return _jitted_init(cfg, mesh, rules, select)(rng)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: LogicalRules):
+def _jitted_init(cfg: NVLMConfig, mesh: jax.sharding.Mesh | None, rules: LogicalRules, select):
     """The jitted initialiser, compiled once per configuration (a LoRA run re-creates its frozen
     base from it on every resume and load)."""
+    pick = select or (lambda tree: tree)
 
     def init(key):
-        return nn.meta.unbox(_init(cfg, key))
+        return pick(nn.meta.unbox(_init(cfg, key)))
 
     if mesh is None:
         return jax.jit(init)
-    return jax.jit(init, out_shardings=tree_shardings(abstract_params(cfg), mesh, rules))
+    return jax.jit(init, out_shardings=pick(tree_shardings(abstract_params(cfg), mesh, rules)))
 
 
 def check_mesh(cfg: NVLMConfig, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES) -> None:
