@@ -3,10 +3,11 @@ trainable parameters, optimizer-state bytes and the median training-step time of
 steps timed alternately so machine load falls on both alike.
 
 Full SFT trains the LLM and the projector (stage "sft", f32 master weights); LoRA puts rank-R
-adapters on the LLM's attention and MLP projections, freezing its base, the projector still
-training (the same stage). Both compute in `--dtype`.
+adapters on `--targets` (default the LLM's attention and MLP projections and the projector),
+freezing their base (an untargeted part the stage trains still trains in full). Both compute in
+`--dtype`. XLA's own FLOP count of each compiled step is printed too.
 
-    python bench/lora_step.py [--rank 16] [--batch 8] [--seq 512] [--rounds 5] [--dtype bfloat16]
+    python bench/lora_step.py [--rank 16] [--targets llm,projector] [--batch 8] [--seq 512] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _bytes(tree) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="llm,projector")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each, alternated")
@@ -44,8 +46,8 @@ def main() -> None:
     args = parser.parse_args()
 
     base = bench_config(args.dtype, "none")
-    runs = {"full SFT": base, f"LoRA r{args.rank}": base.replace(lora=C.LoraConfig(rank=args.rank,
-                                                                                    alpha=2.0 * args.rank))}
+    lora = C.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
+    runs = {"full SFT": base, f"LoRA r{args.rank} ({args.targets})": base.replace(lora=lora)}
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     built, times, info = {}, {name: [] for name in runs}, {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
@@ -54,12 +56,15 @@ def main() -> None:
             start = time.perf_counter()
             compiled = step.lower(state, batch).compile()
             compile_s = time.perf_counter() - start
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
             state, m = compiled(state, batch)  # warm-up
             jax.block_until_ready(m)
             built[name] = [compiled, state, batch]
             info[name] = dict(params=freeze.count_params(shapes),
                               trainable=freeze.count_params(freeze.partition(shapes, mask)[0]),
-                              opt_bytes=_bytes(state.opt_state), compile_s=compile_s)
+                              opt_bytes=_bytes(state.opt_state), compile_s=compile_s,
+                              gflop=float(cost.get("flops", 0.0)) / 1e9)
         for _ in range(args.rounds):
             for name in runs:
                 compiled, state, batch = built[name]
@@ -68,22 +73,23 @@ def main() -> None:
                 jax.block_until_ready(m)
                 times[name].append(time.perf_counter() - start)
                 built[name][1] = state
-    full, lora = list(runs)
+    full, lora_run = list(runs)
     print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.processor() or platform.machine()}  "
           f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}  "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"model: {info[full]['params'] / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens + 1 tile "
           f"per row, compute {args.dtype}, stage sft")
-    print("run | trainable params | optimizer state | compile s | step median (min-max) ms")
+    print("run | trainable params | optimizer state | XLA GFLOP | compile s | step median (min-max) ms")
     for name in runs:
         t = np.asarray(times[name]) * 1e3
         i = info[name]
-        print(f"{name} | {i['trainable'] / 1e6:.2f}M | {i['opt_bytes'] / 2**20:.1f} MiB | {i['compile_s']:.1f} | "
+        print(f"{name} | {i['trainable'] / 1e6:.2f}M | {i['opt_bytes'] / 2**20:.1f} MiB | {i['gflop']:.0f} | "
+              f"{i['compile_s']:.1f} | "
               f"{np.median(t):.0f} ({t.min():.0f}-{t.max():.0f})")
-    ratio = np.median(times[lora]) / np.median(times[full])
-    opt_share = info[lora]["opt_bytes"] / info[full]["opt_bytes"]
-    print(f"LoRA / full: step time {ratio:.2f}x, optimizer state {opt_share:.1%}, "
-          f"trainable {info[lora]['trainable'] / info[full]['trainable']:.1%}")
+    ratio = np.median(times[lora_run]) / np.median(times[full])
+    opt_share = info[lora_run]["opt_bytes"] / info[full]["opt_bytes"]
+    print(f"LoRA / full: step time {ratio:.2f}x, XLA FLOPs {info[lora_run]['gflop'] / info[full]['gflop']:.2f}x, "
+          f"optimizer state {opt_share:.1%}, trainable {info[lora_run]['trainable'] / info[full]['trainable']:.1%}")
 
 
 if __name__ == "__main__":
