@@ -229,7 +229,10 @@ def _prune(tree):
 
 def _stored_leaves(ckptr, directory) -> dict[str, Any]:
     """{"a/b/c": array metadata} of the leaves an Orbax PyTree checkpoint holds."""
-    meta = ckptr.metadata(directory)
+    path = as_path(directory)
+    if "://" not in os.fspath(directory):
+        path = path.absolute()  # Orbax reads no metadata from a relative path (then: no leaves)
+    meta = ckptr.metadata(path)
     stored = getattr(meta, "item_metadata", meta)
     stored = getattr(stored, "tree", stored)
     return {_path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}

@@ -126,6 +126,9 @@ def test_a_lora_workdir_from_another_checkpoint_loads_anywhere_and_refuses_a_cha
     merged = nvlm_jax.load_pretrained(tmp_path / "lora", dtype=None, mesh=mesh)  # merged: what chat / eval load
     merged_live, _ = lora.merge(live, cfg)
     _equal(merged.params, merged_live)
+    monkeypatch.chdir(tmp_path)  # the workdir itself as a relative path (Orbax reads no metadata from one)
+    _equal(nvlm_jax.load_pretrained("lora", dtype=None, mesh=mesh).params, merged_live)
+    monkeypatch.chdir(tmp_path / "elsewhere")
     # A fine-tune initialised from the LoRA workdir gets the merged weights.
     _equal(restore.run_init_params({"checkpoint": str(tmp_path / "lora")}, 0, base_cfg, mesh), merged_live)
 
