@@ -31,7 +31,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import grain
 import msgpack
@@ -169,7 +169,34 @@ class JsonlDataSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class JsonlSource:
+class _ConversationFiles:
+    """What the file-backed sources share: fields, checks, and opening a split with the
+    subclass's reader (`_reader`, random access to raw records) and parser (`_parser`)."""
+
+    name: str
+    paths: Mapping[str, str | Sequence[str]]
+    image_root: str | None = None
+    weight: float = 1.0
+    allow_outside_root: bool = False
+    record_format: str = "auto"
+
+    _reader: ClassVar[type]
+    _parser: ClassVar[type]
+
+    def __post_init__(self):
+        _check_common(self.name, self.weight)
+        formats.check_record_format(self.record_format)
+
+    def open(self, split: str, *, tile_size: int = 448) -> RecordSource:
+        return self._reader(_split_path(self.name, self.paths, split))
+
+    def parser(self, split: str = "train") -> grain.transforms.Map:
+        return self._parser(self.name, _image_root(self.image_root, self.paths, split),
+                            self.allow_outside_root, self.record_format)
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlSource(_ConversationFiles):
     """LLaVA/InternVL-style JSONL conversations (with or without images).
 
     Attributes:
@@ -183,23 +210,8 @@ class JsonlSource:
       record_format: the records' format (`formats.RECORD_FORMATS`; "auto": per record, by its keys).
     """
 
-    name: str
-    paths: Mapping[str, str]
-    image_root: str | None = None
-    weight: float = 1.0
-    allow_outside_root: bool = False
-    record_format: str = "auto"
-
-    def __post_init__(self):
-        _check_common(self.name, self.weight)
-        formats.check_record_format(self.record_format)
-
-    def open(self, split: str, *, tile_size: int = 448) -> JsonlDataSource:
-        return JsonlDataSource(_split_path(self.name, self.paths, split))
-
-    def parser(self, split: str = "train") -> parsing.ParseJsonLine:
-        return parsing.ParseJsonLine(self.name, _image_root(self.image_root, self.paths, split),
-                                     self.allow_outside_root, self.record_format)
+    _reader: ClassVar[type] = JsonlDataSource
+    _parser: ClassVar[type] = parsing.ParseJsonLine
 
 
 class JsonArrayDataSource:
@@ -230,26 +242,11 @@ class JsonArrayDataSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class JsonArraySource:
+class JsonArraySource(_ConversationFiles):
     """A JSON file holding a list of records (any `formats.RECORD_FORMATS`); fields as `JsonlSource`."""
 
-    name: str
-    paths: Mapping[str, str]
-    image_root: str | None = None
-    weight: float = 1.0
-    allow_outside_root: bool = False
-    record_format: str = "auto"
-
-    def __post_init__(self):
-        _check_common(self.name, self.weight)
-        formats.check_record_format(self.record_format)
-
-    def open(self, split: str, *, tile_size: int = 448) -> JsonArrayDataSource:
-        return JsonArrayDataSource(_split_path(self.name, self.paths, split))
-
-    def parser(self, split: str = "train") -> parsing.ParseRecordDict:
-        return parsing.ParseRecordDict(self.name, _image_root(self.image_root, self.paths, split),
-                                       self.allow_outside_root, self.record_format)
+    _reader: ClassVar[type] = JsonArrayDataSource
+    _parser: ClassVar[type] = parsing.ParseRecordDict
 
 
 def _image_root(image_root: str | None, paths: Mapping[str, Any], split: str) -> str | None:
@@ -313,7 +310,7 @@ class ArrayRecordDataSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArrayRecordSource:
+class ArrayRecordSource(_ConversationFiles):
     """ArrayRecord files of msgpack records (see `encode_record`).
 
     Attributes:
@@ -324,23 +321,8 @@ class ArrayRecordSource:
       allow_outside_root, record_format: as in `JsonlSource`.
     """
 
-    name: str
-    paths: Mapping[str, str | Sequence[str]]
-    image_root: str | None = None
-    weight: float = 1.0
-    allow_outside_root: bool = False
-    record_format: str = "auto"
-
-    def __post_init__(self):
-        _check_common(self.name, self.weight)
-        formats.check_record_format(self.record_format)
-
-    def open(self, split: str, *, tile_size: int = 448) -> ArrayRecordDataSource:
-        return ArrayRecordDataSource(_split_path(self.name, self.paths, split))
-
-    def parser(self, split: str = "train") -> parsing.ParseMsgpackRecord:
-        return parsing.ParseMsgpackRecord(self.name, _image_root(self.image_root, self.paths, split),
-                                          self.allow_outside_root, self.record_format)
+    _reader: ClassVar[type] = ArrayRecordDataSource
+    _parser: ClassVar[type] = parsing.ParseMsgpackRecord
 
 
 # ------------------------------------------------------------------------------------------
