@@ -18,7 +18,6 @@ libraries' INFO logs.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 from absl import flags
@@ -30,24 +29,16 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The CLI's flags (defined only when run as a program, so importing this module adds none)."""
-    flags.DEFINE_string("checkpoint", None, "A converted folder (NVLM-D/X/H), a Hugging Face NVLM-D folder, a "
-                        "training workdir or one of its checkpoints/<step> folders.")
-    flags.DEFINE_string("step", "latest", "Training workdir: 'latest', 'best' (its keep-best metric) or a step.")
+    cli.define_model_flags()
     flags.DEFINE_multi_string("image", [], "Image file(s); repeat the flag for several images.")
     flags.DEFINE_string("question", None, "The question (required unless --interactive).")
     flags.DEFINE_bool("interactive", False, "Keep asking questions from stdin, with history.")
-    flags.DEFINE_string("dtype", "bfloat16", "Dtype to load and run the model in.")
-    flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantized Linear kernels (a folder "
-                      "converted with --quantize runs quantized without it).")
     flags.DEFINE_integer("max_new_tokens", 512, "Longest answer, in tokens.")
     flags.DEFINE_bool("do_sample", False, "Sample instead of greedy decoding.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
     flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_integer("tensor_parallel", 0, "Devices on the mesh's tensor axis (the rest go to fsdp); "
-                         "0 = the most that the model's head counts allow.")
-    flags.mark_flag_as_required("checkpoint")
 
 
 def _read_line(prompt: str) -> str | None:
@@ -58,7 +49,6 @@ def _read_line(prompt: str) -> str | None:
 
 def _check_flags():
     """Everything checkable before loading (`cli.UserError`); returns the located checkpoint."""
-    from nvlm_jax.checkpoint.folders import locate, parse_step
     from nvlm_jax.checkpoint.paths import as_path
 
     if not FLAGS.interactive and not FLAGS.question:
@@ -67,46 +57,17 @@ def _check_flags():
         raise cli.UserError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
     if FLAGS.temperature <= 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.top_k < 0 or FLAGS.tensor_parallel < 0:
         raise cli.UserError("--temperature must be > 0, --top_p in (0, 1], --top_k and --tensor_parallel >= 0")
-    try:
-        located = locate(FLAGS.checkpoint, parse_step(FLAGS.step))
-        for image in FLAGS.image:
-            if not as_path(image).is_file():
-                raise cli.UserError(f"--image {image}: no such file")
-    except cli.UserError:
-        raise
-    except ValueError as e:  # CheckpointNotFoundError included
-        raise cli.UserError(str(e)) from None
+    located = cli.locate_checkpoint()
+    for image in FLAGS.image:
+        if not as_path(image).is_file():
+            raise cli.UserError(f"--image {image}: no such file")
     return located
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     located = _check_flags()
-    import jax
-
-    import nvlm_jax
-    from nvlm_jax.compile_cache import enable_compilation_cache
-    from nvlm_jax.pretrained import choose_mesh, read_config
-    from nvlm_jax.sharding import make_mesh
-
-    enable_compilation_cache()  # a restart reuses the compiled prefill/decode programs
-
-    step = located.step if located.kind == "workdir" else "latest"
-    print(f"loading {located.path} ({located.describe()})...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    mesh = None
-    if FLAGS.tensor_parallel:
-        mesh = make_mesh(data=1, fsdp=-1, tensor=FLAGS.tensor_parallel)
-    elif jax.device_count() > 1:
-        mesh = choose_mesh(read_config(located.path, step), jax.device_count())
-    try:
-        model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step,
-                                          quantize=FLAGS.quantize)
-    except ValueError as e:  # a damaged checkpoint or tokenizer: named by the loader, one line here
-        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    if model.tokenizer is None:
-        cli.fail(f"{located.path} has no tokenizer files; chat needs them")
+    model = cli.load_model(located, "chat")
     images = list(FLAGS.image) or None
     options = dict(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample, temperature=FLAGS.temperature,
                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)

@@ -76,3 +76,64 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             fail(str(e))
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading a model for answering (chat, serve): the flags and the one way they are read.
+
+
+def define_model_flags() -> None:
+    """--checkpoint (required), --step, --dtype, --quantize and --tensor_parallel."""
+    flags.DEFINE_string("checkpoint", None, "What `nvlm_jax.load_pretrained` reads: a converted folder (NVLM-D/X/H), "
+                        "a Hugging Face NVLM-D folder, a training workdir or one of its checkpoints/<step> folders.")
+    flags.DEFINE_string("step", "latest", "Training workdir: 'latest', 'best' (its keep-best metric) or a step.")
+    flags.DEFINE_string("dtype", "bfloat16", "Dtype to load and run the model in.")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantized Linear kernels (a folder "
+                      "converted with --quantize loads as stored).")
+    flags.DEFINE_integer("tensor_parallel", 0, "Devices on the mesh's tensor axis (the rest go to fsdp); "
+                         "0 = the most that the model's head counts allow.")
+    flags.mark_flag_as_required("checkpoint")
+
+
+def locate_checkpoint():
+    """--checkpoint and --step as a located checkpoint (`checkpoint.folders.Located`); a missing
+    or unreadable one is a `UserError`, found before anything loads."""
+    from nvlm_jax.checkpoint.folders import locate, parse_step
+
+    try:
+        return locate(flags.FLAGS.checkpoint, parse_step(flags.FLAGS.step))
+    except ValueError as e:  # CheckpointNotFoundError included
+        raise UserError(str(e)) from None
+
+
+def load_model(located, needed_by: str):
+    """The model of a located checkpoint per the model flags, on a mesh over every device (or
+    --tensor_parallel), with load progress on stderr. A checkpoint the loader refuses, or one
+    without tokenizer files, ends the program with one line naming `needed_by`."""
+    import time
+
+    import jax
+
+    import nvlm_jax
+    from nvlm_jax.compile_cache import enable_compilation_cache
+    from nvlm_jax.pretrained import choose_mesh, read_config
+    from nvlm_jax.sharding import make_mesh
+
+    enable_compilation_cache()  # a restart reuses the compiled prefill/decode programs
+    fl = flags.FLAGS
+    step = located.step if located.kind == "workdir" else "latest"
+    print(f"loading {located.path} ({located.describe()})...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    mesh = None
+    if fl.tensor_parallel:
+        mesh = make_mesh(data=1, fsdp=-1, tensor=fl.tensor_parallel)
+    elif jax.device_count() > 1:
+        mesh = choose_mesh(read_config(located.path, step), jax.device_count())
+    try:
+        model = nvlm_jax.load_pretrained(located.path, dtype=fl.dtype, mesh=mesh, step=step, quantize=fl.quantize)
+    except ValueError as e:  # a damaged checkpoint or tokenizer: named by the loader, one line here
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if model.tokenizer is None:
+        fail(f"{located.path} has no tokenizer files; {needed_by} needs them")
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return model

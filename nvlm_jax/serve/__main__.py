@@ -15,7 +15,6 @@ status 2, before the model loads.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 from absl import flags
@@ -26,11 +25,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "A Hugging Face folder, converted folder, training workdir or one of "
-                        "its checkpoints/<step> folders.")
-    flags.DEFINE_string("step", "latest", "Training workdir: 'latest', 'best' or a step number.")
-    flags.DEFINE_string("dtype", "bfloat16", "Dtype to load and run the model in.")
-    flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization passed to load_pretrained.")
+    cli.define_model_flags()
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes it to the network).")
     flags.DEFINE_integer("port", 8000, "Port to listen on.")
     flags.DEFINE_string("served_model_name", "nvlm", "The model name clients pass as `model`.")
@@ -43,12 +38,9 @@ def define_flags() -> None:
                         "unset = local paths refused.")
     flags.DEFINE_bool("allow_remote_images", False, "Fetch http(s) image URLs (off: refused).")
     flags.DEFINE_integer("image_cache_size", 64, "Images whose projected tokens stay cached (0 = off).")
-    flags.DEFINE_integer("tensor_parallel", 0, "Devices on the mesh's tensor axis (0 = chosen from the model).")
-    flags.mark_flag_as_required("checkpoint")
 
 
 def _check_flags():
-    from nvlm_jax.checkpoint.folders import locate, parse_step
     from nvlm_jax.checkpoint.paths import as_path
 
     for name, low in (("port", 0), ("max_batch", 1), ("max_model_len", 0), ("limit_images_per_prompt", 0),
@@ -57,44 +49,19 @@ def _check_flags():
             raise cli.UserError(f"--{name} must be >= {low}, got {getattr(FLAGS, name)}")
     if FLAGS.image_root is not None and not as_path(FLAGS.image_root).is_dir():
         raise cli.UserError(f"--image_root {FLAGS.image_root}: no such folder")
-    try:
-        return locate(FLAGS.checkpoint, parse_step(FLAGS.step))
-    except ValueError as e:
-        raise cli.UserError(str(e)) from None
+    return cli.locate_checkpoint()
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     located = _check_flags()
-    import jax
     import uvicorn
 
-    import nvlm_jax
-    from nvlm_jax.compile_cache import enable_compilation_cache
-    from nvlm_jax.pretrained import choose_mesh, read_config
     from nvlm_jax.serve.app import create_app
     from nvlm_jax.serve.engine import Engine
     from nvlm_jax.serve.requests import Limits
-    from nvlm_jax.sharding import make_mesh
 
-    enable_compilation_cache()
-    step = located.step if located.kind == "workdir" else "latest"
-    print(f"loading {located.path} ({located.describe()})...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    mesh = None
-    if FLAGS.tensor_parallel:
-        mesh = make_mesh(data=1, fsdp=-1, tensor=FLAGS.tensor_parallel)
-    elif jax.device_count() > 1:
-        mesh = choose_mesh(read_config(located.path, step), jax.device_count())
-    # quantize= is passed only when asked for, so a loader without it fails only then.
-    extra = {"quantize": FLAGS.quantize} if FLAGS.quantize else {}
-    try:
-        model = nvlm_jax.load_pretrained(located.path, dtype=FLAGS.dtype, mesh=mesh, step=step, **extra)
-    except (ValueError, TypeError) as e:
-        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    if model.tokenizer is None:
-        cli.fail(f"{located.path} has no tokenizer files; the server needs them")
-    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    model = cli.load_model(located, "the server")
     try:
         engine = Engine(model, max_batch=FLAGS.max_batch, max_len=FLAGS.max_model_len or None,
                         image_cache_size=FLAGS.image_cache_size,
