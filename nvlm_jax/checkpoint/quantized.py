@@ -58,11 +58,15 @@ class QuantizedParam(StreamedParam):
     both reads each source slab once when `kernel_q` is written first.
     """
 
-    def __init__(self, source: StreamedParam, path, which: str, scale_shape, mode: str, scales: dict):
+    def __init__(self, source: StreamedParam, path, which: str, scale_shape, mode: str, scales: dict,
+                 order: tuple[int, ...]):
         self.source, self.path, self.which, self.mode = source, tuple(path), which, mode
         self.scale_shape, self.scales = tuple(scale_shape), scales
         self.layered = source.layered
-        self.shape = source.shape if which == "kernel_q" else self.scale_shape
+        # kernel_q is stored out-major (`q_lib.out_major`): `order` permutes the whole source
+        # kernel's axes (a layer axis stays first); `_slab_order` does it for one layer's slab.
+        self._slab_order = tuple(i - 1 for i in order[1:]) if self.layered else tuple(order)
+        self.shape = tuple(source.shape[i] for i in order) if which == "kernel_q" else self.scale_shape
         self.dtype = q_lib.qdtype(mode) if which == "kernel_q" else np.dtype(q_lib.SCALE_DTYPE)
 
     @property
@@ -77,7 +81,7 @@ class QuantizedParam(StreamedParam):
         shape = self.scale_shape[1:] if self.layered else self.scale_shape
         q, scale = quantize_host(self.source.slab(layer), shape, self.mode)
         self.scales[layer] = scale
-        return q, scale
+        return np.ascontiguousarray(q.transpose(self._slab_order)), scale
 
     def slab(self, layer: int | None) -> np.ndarray:
         q, scale = self._quantized(layer)
@@ -94,15 +98,38 @@ class QuantizedParam(StreamedParam):
         return np.ascontiguousarray(full[cut]), nbytes
 
 
-def _kernel_paths(abstract_quantized) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Path of each Linear's float `kernel` → its scale shape, from a quantized abstract tree."""
+def _kernel_paths(cfg: NVLMConfig, mode: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Path of each Linear's float `kernel` -> (its scale shape, the axis order taking the kernel
+    to its out-major `kernel_q`), from the model's abstract trees without and with `mode`."""
+    def boxed(c):
+        flat = jax.tree_util.tree_leaves_with_path(c, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        return {tuple(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+    plain, quant = boxed(nvlm_model.abstract_params(cfg)), boxed(nvlm_model.abstract_params(cfg.replace(quantize=mode)))
     out = {}
-    flat = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_quantized))
-    for path, leaf in flat:
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
-        if keys[-1] == "kernel_scale":
-            out[keys[:-1] + ("kernel",)] = tuple(leaf.shape)
+    for path, scale in quant.items():
+        if path[-1] != "kernel_scale":
+            continue
+        kernel, q = plain[path[:-1] + ("kernel",)], quant[path[:-1] + ("kernel_q",)]
+        out[path[:-1] + ("kernel",)] = (tuple(scale.value.shape), _out_major_order(kernel, q, path))
     return out
+
+
+def _out_major_order(kernel, q, path) -> tuple[int, ...]:
+    """The one axis order (stacked-layer axes first, then out, then in) that takes the boxed
+    `kernel` to the boxed `kernel_q`, by shapes and logical names."""
+    n, shape, names = kernel.value.ndim, kernel.value.shape, tuple(kernel.names)
+    found = set()
+    for lead in range(n - 1):
+        for in_dims in range(1, n - lead):
+            order = q_lib.out_major_order(n, in_dims, lead)
+            if (tuple(shape[i] for i in order) == tuple(q.value.shape)
+                    and tuple(names[i] for i in order) == tuple(q.names)):
+                found.add(order)
+    if len(found) != 1:
+        raise ValueError(f"{'/'.join(path)}: cannot tell how kernel {shape} {names} maps to kernel_q "
+                         f"{q.value.shape} {tuple(q.names)} ({len(found)} axis orders fit)")
+    return found.pop()
 
 
 def quantize_plan(plan: ConversionPlan, mode: str) -> ConversionPlan:
@@ -111,15 +138,17 @@ def quantize_plan(plan: ConversionPlan, mode: str) -> ConversionPlan:
     if plan.cfg.quantize is not None:
         raise ValueError(f"the plan is already quantized ({plan.cfg.quantize})")
     cfg = plan.cfg.replace(quantize=mode)
-    kernels = _kernel_paths(nvlm_model.abstract_params(cfg))
+    kernels = _kernel_paths(plan.cfg, mode)
     params: dict[tuple[str, ...], StreamedParam] = {}
     for path, p in plan.params.items():
         if path not in kernels:
             params[path] = p
             continue
         scales: dict = {}
+        scale_shape, order = kernels[path]
         for which in q_lib.QUANT_LEAVES:
-            params[path[:-1] + (which,)] = QuantizedParam(p, path[:-1] + (which,), which, kernels[path], mode, scales)
+            params[path[:-1] + (which,)] = QuantizedParam(p, path[:-1] + (which,), which, scale_shape, mode, scales,
+                                                          order)
     missing = sorted("/".join(k) for k in kernels if k not in plan.params)
     if missing:
         raise ValueError(f"quantize={mode}: the plan lacks the kernels {missing}")
@@ -139,7 +168,7 @@ def quantize_params(params: dict[str, Any], cfg: NVLMConfig, mode: str, mesh: ja
     abstract = nvlm_model.abstract_params(qcfg)
     shardings = tree_shardings(abstract, mesh, rules) if mesh is not None else None
     out = jax.tree_util.tree_map(lambda x: x, params)  # a new dict tree; leaves shared
-    for path, scale_shape in _kernel_paths(abstract).items():
+    for path, (scale_shape, order) in _kernel_paths(cfg, mode).items():
         parent = out
         for k in path[:-1]:
             if not isinstance(parent, dict) or k not in parent:
@@ -152,15 +181,17 @@ def quantize_params(params: dict[str, Any], cfg: NVLMConfig, mode: str, mesh: ja
             for k in path[:-1]:
                 node = node[k]
             target = (node["kernel_q"], node["kernel_scale"])
-        quant = jax.jit(lambda w, s=scale_shape: _quantize_stacked(w, s, mode), out_shardings=target)
+        quant = jax.jit(lambda w, s=scale_shape, o=order: _quantize_stacked(w, s, mode, o), out_shardings=target)
         parent["kernel_q"], parent["kernel_scale"] = quant(kernel)
         kernel.delete()
     return qcfg, out
 
 
-def _quantize_stacked(w: jax.Array, scale_shape: tuple[int, ...], mode: str):
+def _quantize_stacked(w: jax.Array, scale_shape: tuple[int, ...], mode: str, order: tuple[int, ...]):
     """`quantize_array` one leading slice at a time for stacked kernels (float32 temporaries of
-    one layer, not of the whole stack)."""
+    one layer, not of the whole stack); the int values come back in the stored `order`."""
     if w.ndim >= 3 and scale_shape[0] == w.shape[0] and w.shape[0] > 1:
-        return jax.lax.map(lambda x: q_lib.quantize_array(x, scale_shape[1:], mode, xp=jnp), w)
-    return q_lib.quantize_array(w, scale_shape, mode, xp=jnp)
+        q, scale = jax.lax.map(lambda x: q_lib.quantize_array(x, scale_shape[1:], mode, xp=jnp), w)
+    else:
+        q, scale = q_lib.quantize_array(w, scale_shape, mode, xp=jnp)
+    return q.transpose(order), scale

@@ -276,7 +276,11 @@ def restore_params(
                 return None
             shape = tuple(stored_leaves[name].shape)
             if shape != tuple(t.shape):
-                problems.append(f"{name}: checkpoint shape {shape} != expected {tuple(t.shape)}")
+                hint = ""
+                if name.endswith("kernel_q") and sorted(shape) == sorted(t.shape):
+                    hint = (" (quantized weights stored in-major, as `convert --quantize` wrote them before "
+                            "2026-12-05: convert the float checkpoint again)")
+                problems.append(f"{name}: checkpoint shape {shape} != expected {tuple(t.shape)}{hint}")
             return t
 
         subset = _prune(jax.tree_util.tree_map_with_path(keep, target))

@@ -52,7 +52,7 @@ class Linear(nn.Module):
             out_axis=tuple(range(self.in_dims, len(kernel_shape))),
         )
         if quantize.is_quantized(self):  # int8/int4 weights (see `quantize`): kernel_q + kernel_scale
-            kernel = quantize.quantized_kernel(self, kernel_shape, self.kernel_axes, self.in_dims, init, self.dtype)
+            y = quantize.quantized_linear(self, x, kernel_shape, self.kernel_axes, self.in_dims, init, self.dtype)
         else:
             kernel = self.param(
                 "kernel",
@@ -60,9 +60,9 @@ class Linear(nn.Module):
                 kernel_shape,
                 self.param_dtype,
             )
-        # The matmul's backward also runs in `dtype` (see `matmul`); f32 accumulation throughout.
-        spec = matmul.linear_spec(x.ndim, self.in_dims, len(out_shape))
-        y = matmul.einsum(spec, x, kernel, self.dtype, jnp.float32)
+            # The matmul's backward also runs in `dtype` (see `matmul`); f32 accumulation throughout.
+            spec = matmul.linear_spec(x.ndim, self.in_dims, len(out_shape))
+            y = matmul.einsum(spec, x, kernel, self.dtype, jnp.float32)
         if self.lora is not None and self.lora.rank:
             y = y + self._lora_delta(x, in_shape, out_shape)
         if not self.use_bias:

@@ -95,3 +95,17 @@ def test_host_quantizer_in_chunks_equals_one_piece(monkeypatch):
 def test_unknown_mode_is_an_error(release):
     with pytest.raises(ValueError, match="quantize must be one of"):
         nvlm_jax.load_pretrained(release.folder, quantize="fp8")
+
+
+def test_an_in_major_kernel_q_is_refused_with_the_reason(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from nvlm_jax.checkpoint.restore import restore_params
+
+    with ocp.StandardCheckpointer() as ckptr:  # the layout `convert --quantize` wrote before out-major
+        ckptr.save(tmp_path / "params", {"llm": {"lm_head": {"kernel_q": np.ones((16, 40), np.int8)}}})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"llm": {"lm_head": {"kernel_q": jax.ShapeDtypeStruct((40, 16), np.int8, sharding=device)}}}
+    with pytest.raises(ValueError, match=r"kernel_q: checkpoint shape \(16, 40\) != expected \(40, 16\) "
+                                         r"\(quantized weights stored in-major"):
+        restore_params(tmp_path / "params", target)

@@ -82,15 +82,23 @@ def test_quantized_linear_is_the_float_linear_on_the_dequantized_kernel(mode, fe
         qparams = nn.meta.unbox(layer.init(jax.random.key(0), x))["params"]
     assert set(qparams) == {"kernel_q", "kernel_scale", "bias"}
     assert qparams["kernel_q"].dtype == quantize.qdtype(mode)
-    kernel = quantize.dequantize(qparams["kernel_q"], qparams["kernel_scale"])
+    # stored out-major: [out, in...]
+    assert qparams["kernel_q"].shape == (features,) + x_shape[len(x_shape) - in_dims:]
+    kernel = quantize.dequantize(quantize.in_major(qparams["kernel_q"], in_dims), qparams["kernel_scale"])
     fparams = {"kernel": kernel, "bias": qparams["bias"] + 0.5}
     qparams = dict(qparams, bias=fparams["bias"])
-    np.testing.assert_array_equal(np.asarray(layer.apply({"params": qparams}, x)),
-                                  np.asarray(layer.apply({"params": fparams}, x)))
-    # bfloat16 compute: the dequantized kernel rounds to bf16 like a bf16 kernel would
+    want = np.asarray(layer.apply({"params": fparams}, x))
+    # f32: the same products (int8 scales the product per output instead of the weight)
+    np.testing.assert_allclose(np.asarray(layer.apply({"params": qparams}, x)), want, rtol=1e-5, atol=1e-5)
+    # bfloat16 compute: int4 rounds its dequantized weight to bf16 like a bf16 kernel would; int8
+    # multiplies by the exact integers, so it is at least as close to the f32 result as that
     bf = Linear(features, axes, in_dims=in_dims, use_bias=True, dtype=jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(bf.apply({"params": qparams}, x), np.float32),
-                                  np.asarray(bf.apply({"params": fparams}, x), np.float32))
+    got = np.asarray(bf.apply({"params": qparams}, x), np.float32)
+    bf_kernel = np.asarray(bf.apply({"params": fparams}, x), np.float32)
+    if mode == "int4":
+        np.testing.assert_allclose(got, bf_kernel, rtol=1e-2, atol=1e-2)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= max(1.01 * np.abs(bf_kernel - want).max(), 1e-2 * scale)
 
 
 def test_params_with_kernel_and_kernel_q_are_an_error():
@@ -108,16 +116,41 @@ def test_quantized_params_shard_like_their_kernels(mode):
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
     plain = tree_shardings(nvlm.abstract_params(cfg), mesh)
     quant = tree_shardings(nvlm.abstract_params(cfg.replace(quantize=mode)), mesh)
+    def padded(spec, n):
+        return tuple(spec) + (None,) * (n - len(spec))
+
+    # kernel_q is out-major: the kernel's axes (and their mesh axes) with out moved before in
     mlp = quant["llm"]["layers"]["mlp"]["up_proj"]
-    assert mlp["kernel_q"].spec == plain["llm"]["layers"]["mlp"]["up_proj"]["kernel"].spec
+    up_spec = padded(plain["llm"]["layers"]["mlp"]["up_proj"]["kernel"].spec, 3)  # [layers, embed, mlp]
+    assert padded(mlp["kernel_q"].spec, 3) == (up_spec[0], up_spec[2], up_spec[1])
+    assert up_spec[2] == "tensor"
     assert mlp["kernel_scale"].spec == jax.sharding.PartitionSpec(None, None, "tensor")  # [layers, 1|groups, mlp]
     o = quant["llm"]["layers"]["o_proj"]
-    assert o["kernel_q"].spec == plain["llm"]["layers"]["o_proj"]["kernel"].spec
+    o_spec = padded(plain["llm"]["layers"]["o_proj"]["kernel"].spec, 4)  # [layers, heads, head_dim, embed]
+    assert padded(o["kernel_q"].spec, 4) == (o_spec[0], o_spec[3], o_spec[1], o_spec[2])
     abstract = nn.meta.unbox(nvlm.abstract_params(cfg.replace(quantize=mode)))
     up = abstract["llm"]["layers"]["mlp"]["up_proj"]
     assert up["kernel_q"].dtype == quantize.qdtype(mode) and "kernel" not in up
     assert abstract["vision"]["patch_embedding"].dtype == jnp.float32  # not a Linear: stays float
-    q, s = quantize.quantize_array(np.ones(up["kernel_q"].shape, np.float32), up["kernel_scale"].shape, mode)
-    placed = jax.device_put({"kernel_q": q, "kernel_scale": s}, mlp)
+    kernel_shape = quantize.in_major(np.empty(up["kernel_q"].shape, np.int8), 1, lead=1).shape
+    q, s = quantize.quantize_array(np.ones(kernel_shape, np.float32), up["kernel_scale"].shape, mode)
+    placed = jax.device_put({"kernel_q": quantize.out_major(q, 1, lead=1), "kernel_scale": s}, mlp)
     assert placed["kernel_q"].dtype == quantize.qdtype(mode)
     assert placed["kernel_q"].sharding.spec == mlp["kernel_q"].spec
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, quantize.SMALL_ROWS + 8])  # the one-row, few-row and long paths
+def test_quantized_product_equals_the_product_with_the_dequantized_kernel(mode, rows):
+    w = _w((4, 64, 24), 3)  # o_proj-like: in [4, 64], out [24]
+    scale_shape, _ = quantize.scale_layout(w.shape, ("heads", "head_dim", "embed"), 2, mode)
+    q, s = quantize.quantize_array(w, scale_shape, mode)
+    kernel = np.asarray(quantize.dequantize(jnp.asarray(q), jnp.asarray(s)))
+    x = _w((rows, 4, 64), 4)
+    q_t = jnp.asarray(quantize.out_major(q, 2))
+    assert q_t.shape == (24, 4, 64)
+    want = np.einsum("mhd,hde->me", x.astype(np.float64), kernel.astype(np.float64))
+    got = jax.jit(lambda x: quantize.quantized_product(x, q_t, jnp.asarray(s), 2, jnp.float32))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    bf = jax.jit(lambda x: quantize.quantized_product(x, q_t, jnp.asarray(s), 2, jnp.bfloat16))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(bf), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
