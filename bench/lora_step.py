@@ -4,8 +4,10 @@ steps timed alternately so machine load falls on both alike.
 
 Full SFT trains the LLM and the projector (stage "sft", f32 master weights); LoRA puts rank-R
 adapters on `--targets` (default the LLM's attention and MLP projections and the projector),
-freezing their base (an untargeted part the stage trains still trains in full). Both compute in
-`--dtype`. XLA's own FLOP count of each compiled step is printed too.
+freezing their base (an untargeted part the stage trains still trains in full). A third run,
+the floor, adapts nothing and freezes the LLM (stage "pretrain": projector only): the forward and
+the input gradients through the frozen LLM that any LoRA step over this model must do. All
+compute in `--dtype`. XLA's own FLOP count of each compiled step is printed too.
 
     python bench/lora_step.py [--rank 16] [--targets llm,projector] [--batch 8] [--seq 512] [--rounds 5]
 """
@@ -47,12 +49,16 @@ def main() -> None:
 
     base = bench_config(args.dtype, "none")
     lora = C.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
-    runs = {"full SFT": base, f"LoRA r{args.rank} ({args.targets})": base.replace(lora=lora)}
+    # name -> (config, stage). The third run adapts nothing and trains only the projector with the
+    # ViT and LLM frozen: forward plus input gradients through the frozen LLM, the least any LoRA
+    # step over the same model must do (its floor).
+    runs = {"full SFT": (base, "sft"), f"LoRA r{args.rank} ({args.targets})": (base.replace(lora=lora), "sft"),
+            "floor: frozen LLM, no adapters": (base, "pretrain")}
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     built, times, info = {}, {name: [] for name in runs}, {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        for name, cfg in runs.items():
-            step, state, batch, shapes, mask = build_step(cfg, args.batch, args.seq, 1, "sft", mesh)
+        for name, (cfg, stage) in runs.items():
+            step, state, batch, shapes, mask = build_step(cfg, args.batch, args.seq, 1, stage, mesh)
             start = time.perf_counter()
             compiled = step.lower(state, batch).compile()
             compile_s = time.perf_counter() - start
@@ -73,7 +79,7 @@ def main() -> None:
                 jax.block_until_ready(m)
                 times[name].append(time.perf_counter() - start)
                 built[name][1] = state
-    full, lora_run = list(runs)
+    full, lora_run, floor = list(runs)
     print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.processor() or platform.machine()}  "
           f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}  "
           f"load {os.getloadavg()[0]:.2f}")
@@ -90,6 +96,8 @@ def main() -> None:
     opt_share = info[lora_run]["opt_bytes"] / info[full]["opt_bytes"]
     print(f"LoRA / full: step time {ratio:.2f}x, XLA FLOPs {info[lora_run]['gflop'] / info[full]['gflop']:.2f}x, "
           f"optimizer state {opt_share:.1%}, trainable {info[lora_run]['trainable'] / info[full]['trainable']:.1%}")
+    print(f"floor / full: step time {np.median(times[floor]) / np.median(times[full]):.2f}x "
+          f"(the adapters' own cost is the LoRA step minus the floor)")
 
 
 if __name__ == "__main__":
