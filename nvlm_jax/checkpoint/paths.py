@@ -72,6 +72,14 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(f"{scheme}://{rest}")
 
 
+def orbax_dir(path: str | os.PathLike) -> epath.Path:
+    """The folder to hand Orbax: `as_path`, made absolute when local. Every Orbax call takes its
+    folder from here, because Orbax reads no checkpoint metadata from a relative path (it then
+    sees an empty checkpoint rather than an error)."""
+    p = as_path(path)
+    return p if is_remote(p) else p.absolute()
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     """Whether `path` names a remote (non-local) location."""
     return scheme_of(path) in REMOTE_SCHEMES

@@ -31,7 +31,7 @@ from nvlm_jax.checkpoint.folders import (
     read_json,
     read_run_config,
 )
-from nvlm_jax.checkpoint.paths import as_path
+from nvlm_jax.checkpoint.paths import as_path, orbax_dir
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.processing.prompt_format import DEFAULT_SYSTEM_MESSAGE, PromptFormat
@@ -229,10 +229,7 @@ def _prune(tree):
 
 def _stored_leaves(ckptr, directory) -> dict[str, Any]:
     """{"a/b/c": array metadata} of the leaves an Orbax PyTree checkpoint holds."""
-    path = as_path(directory)
-    if "://" not in os.fspath(directory):
-        path = path.absolute()  # Orbax reads no metadata from a relative path (then: no leaves)
-    meta = ckptr.metadata(path)
+    meta = ckptr.metadata(orbax_dir(directory))
     stored = getattr(meta, "item_metadata", meta)
     stored = getattr(stored, "tree", stored)
     return {_path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
@@ -260,9 +257,7 @@ def restore_params(
     """
     import orbax.checkpoint as ocp
 
-    directory = as_path(directory)
-    if not directory.is_absolute():
-        directory = directory.absolute()
+    directory = orbax_dir(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"params checkpoint folder {directory} does not exist")
     with ocp.PyTreeCheckpointer() as ckptr:

@@ -135,12 +135,13 @@ def save_adapters(directory, params: Any, cfg: NVLMConfig) -> None:
     """Writes the adapters of `params` (Orbax, atomic: a folder appears only when complete) and
     the LoRA config (`lora_config.json`) to `directory` (must not exist)."""
     import orbax.checkpoint as ocp
-    from etils import epath
+
+    from nvlm_jax.checkpoint.paths import orbax_dir
 
     tree = adapters(params)
     if not tree:
         raise ValueError("save_adapters: the params hold no LoRA adapters")
-    path = epath.Path(directory)
+    path = orbax_dir(directory)
     if path.exists():
         raise ValueError(f"save_adapters: {path} already exists")
     with ocp.StandardCheckpointer() as ckptr:
@@ -184,5 +185,7 @@ def restore_adapters(directory, cfg: NVLMConfig, mesh: jax.sharding.Mesh | None 
         lambda x, s: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=s),
         boxed, shardings, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
     )
+    from nvlm_jax.checkpoint.paths import orbax_dir
+
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(directory, target)
+        return ckptr.restore(orbax_dir(directory), target)

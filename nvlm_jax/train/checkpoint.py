@@ -49,7 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nvlm_jax.checkpoint.paths import as_path, is_remote
+from nvlm_jax.checkpoint.paths import orbax_dir
 from nvlm_jax.checkpoint.restore import restore_params
 from nvlm_jax.train.step import TrainState
 
@@ -212,9 +212,7 @@ class TrainCheckpoints:
     """Saves and restores training checkpoints under `directory` (see module docstring)."""
 
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig):
-        self.directory = as_path(directory)
-        if not is_remote(self.directory):
-            self.directory = self.directory.absolute()
+        self.directory = orbax_dir(directory)
         self.cfg = cfg
         keep: list = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_best:

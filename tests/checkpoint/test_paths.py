@@ -47,3 +47,27 @@ def test_a_remote_scheme_with_its_backend_stays_remote(monkeypatch):
 def test_a_url_whose_slashes_pathlib_collapsed_is_refused():
     with pytest.raises(ValueError, match="gs:// URL whose '//' was lost"):
         paths.as_path(pathlib.Path("gs://bucket/run"))
+
+
+def test_orbax_dir_is_absolute_for_local_paths_and_keeps_remote_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert paths.orbax_dir("run/params") == paths.as_path(tmp_path / "run" / "params")
+    assert paths.orbax_dir("run/params").is_absolute()
+    assert paths.orbax_dir(tmp_path / "x") == paths.as_path(tmp_path / "x")
+    assert paths.orbax_dir("file:///data/ckpt") == paths.as_path("/data/ckpt")
+
+
+def test_a_relative_orbax_folder_restores_like_an_absolute_one(tmp_path, monkeypatch):
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from nvlm_jax.checkpoint.restore import restore_params
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "params", {"llm": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}})
+    monkeypatch.chdir(tmp_path)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"llm": {"w": jax.ShapeDtypeStruct((2, 3), np.float32, sharding=device)}}
+    restored, missing = restore_params("params", target)
+    assert missing == [] and np.asarray(restored["llm"]["w"]).tolist() == [[0, 1, 2], [3, 4, 5]]
