@@ -79,7 +79,7 @@ def serve_main(args) -> None:
     from nvlm_jax.serve.engine import Engine
 
     model, _ = build_model(args.serve_model)
-    engine = Engine(model, max_batch=8, max_len=args.max_len).start()
+    engine = Engine(model, max_batch=8, max_len=args.max_len).start(warmup=True)  # as the server CLI
     uvicorn.run(create_app(engine, model_name="nvlm"), host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -65,7 +65,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         engine = Engine(model, max_batch=FLAGS.max_batch, max_len=FLAGS.max_model_len or None,
                         image_cache_size=FLAGS.image_cache_size,
-                        max_images=max(1, FLAGS.limit_images_per_prompt)).start()
+                        max_images=max(1, FLAGS.limit_images_per_prompt)).start(warmup=True)
     except ValueError as e:
         cli.fail(str(e))
     limits = Limits(max_image_pixels=FLAGS.max_image_pixels, limit_images_per_prompt=FLAGS.limit_images_per_prompt,

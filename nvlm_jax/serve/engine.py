@@ -1,9 +1,11 @@
 """Continuous batching over the one KV-cache decoder (`nvlm_jax.generate`'s pieces).
 
 The engine owns `max_batch` decode slots and one KV cache `[layers, max_batch, max_len, ...]`.
-A request joins at any step: its prompt is prefilled alone (`prefill_step`, prompt padded on the
+A request joins at any step: its prompt is prefilled (`prefill_step`, prompt padded on the
 right to a power-of-two bucket of at least 64, so a few programs serve every prompt) into a
-small cache that is copied into a free slot's row, and its first token is sampled there. Every
+small cache that is copied into a free slot's row, and its first token is sampled there;
+requests admitted at the same step whose prompts share a bucket prefill together, in one
+program of a power-of-two group size (the group padded by repeating its last row). Every
 step then runs `decode_step` for all slots at once: each slot feeds its last token at its own
 position, which is also the cache column it writes (prompts start at column 0), so a slot's
 `prompt + max_tokens` must fit `max_len`. Slots that are free compute garbage that nobody reads;
@@ -12,15 +14,15 @@ segment id 0). A request leaves at a stop token, a stop string, its token budget
 cancelled (a client that went away), freeing its slot for the next waiting request.
 
 Nothing recompiles between requests: decode programs exist per cache view (a power of two above
-the longest running sequence: a step costs what the running answers need, not the whole
-context) and for one or all slots (a lone request steps alone), prefill programs per prompt
-bucket; sampling settings (temperature, top-k, top-p, seed, repetition/frequency/presence
-penalties) are per-slot runtime arrays (`sample_logits`, `apply_penalties`). Images are
-encoded once per distinct picture (`ImageFeatureCache`, keyed by content hash; the ViT runs per
-tile-count bucket) and the prefill builds the prompt's image context from the cached projected
-tokens in a fixed number of tile slots (`max_images · (max_tiles + 1)` rounded up to a power of
-two; unused slots are invalid); for NVLM-X/H each slot's cross-attention memory stays on the
-device for its decode steps.
+the longest running sequence: a step costs what the running answers need, not the whole context)
+and for one or all slots (a lone request steps alone), prefill programs per prompt bucket and
+group size (`warmup` compiles the smallest bucket's ahead); sampling settings (temperature,
+top-k, top-p, seed, repetition/frequency/presence penalties) are per-slot runtime arrays
+(`sample_logits`, `apply_penalties`). Images are encoded once per distinct picture
+(`ImageFeatureCache`, keyed by content hash; the ViT runs per tile-count bucket) and the prefill
+builds the prompt's image context from the cached projected tokens in a fixed number of tile
+slots (`max_images · (max_tiles + 1)` rounded up to a power of two; unused slots are invalid);
+for NVLM-X/H each slot's cross-attention memory stays on the device for its decode steps.
 
 Requests are served by a background thread (`start`); results arrive as events on the
 request's `Handle` (`Delta` text pieces, then one `Finished` or `Failed`).
@@ -83,43 +85,49 @@ def _put(buffer, row, slot, axis: int):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def _prefill(params, state, slot, ids, length, features, tile_valid, tile_image, token_image, token_tile,
+def _prefill(params, state, slots, ids, length, features, tile_valid, tile_image, token_image, token_tile,
              rows: RowSampling, *, cfg: NVLMConfig):
-    """Prefills one prompt `ids [1, P]` (right-padded, `length` real tokens) into slot `slot`
-    and samples its first token. Returns (token [1], state)."""
+    """Prefills k prompts `ids [k, P]` (right-padded, `length [k]` real tokens) into slots
+    `slots [k]` in one forward and samples each one's first token. Returns (tokens [k], state).
+    Rows may repeat (the same prompt into the same slot): a group padded to its size bucket."""
     model, variables = NVLM(cfg), {"params": params}
-    p = ids.shape[1]
-    real = jnp.arange(p)[None] < length
-    positions, segments = jnp.broadcast_to(jnp.arange(p), (1, p)), real.astype(jnp.int32)
+    k, p = ids.shape
+    real = jnp.arange(p)[None] < length[:, None]
+    positions, segments = jnp.broadcast_to(jnp.arange(p), (k, p)), real.astype(jnp.int32)
     context = model.apply(variables, ids, None, tile_valid, tile_image, token_tile, features=features,
                           method=NVLM.encode)
     images = dict(image_context=context)
     if cfg.arch in ("X", "H"):
         images.update(token_image=token_image, token_tile=token_tile)
-    cache = init_cache(cfg.llm, 1, p, jnp.dtype(cfg.dtype))
-    logits, cache = prefill_step(model, variables, ids, positions, segments, jnp.reshape(length - 1, (1,)), images,
-                                 cache)
+    cache = init_cache(cfg.llm, k, p, jnp.dtype(cfg.dtype))
+    logits, cache = prefill_step(model, variables, ids, positions, segments, length - 1, images, cache)
     vocab = logits.shape[-1]
-    seen = jnp.zeros((1, vocab), jnp.int32).at[0, ids[0]].add(real[0].astype(jnp.int32)) > 0
-    counts = jnp.zeros((1, vocab), jnp.int32)
+    seen = jnp.zeros((k, vocab), jnp.int32).at[jnp.arange(k)[:, None], ids].add(real.astype(jnp.int32)) > 0
+    counts = jnp.zeros((k, vocab), jnp.int32)
     token = _choose(logits, counts, seen, rows)
-    counts = counts.at[0, token[0]].add(1)
+    counts = counts.at[jnp.arange(k), token].add(1)
     width = state["cache"]["segment_ids"].shape[1]
+    wide = {name: jnp.pad(cache[name], ((0, 0), (0, width - p))) for name in ("segment_ids", "positions")}
     new = dict(state)
-    new["cache"] = dict(
-        k=_put(state["cache"]["k"], cache["k"], slot, 1),
-        v=_put(state["cache"]["v"], cache["v"], slot, 1),
-        segment_ids=_put(state["cache"]["segment_ids"], jnp.pad(cache["segment_ids"], ((0, 0), (0, width - p))),
-                         slot, 0),
-        positions=_put(state["cache"]["positions"], jnp.pad(cache["positions"], ((0, 0), (0, width - p))), slot, 0),
-    )
-    new["counts"], new["seen"] = _put(state["counts"], counts, slot, 0), _put(state["seen"], seen, slot, 0)
-    if cfg.arch in ("X", "H"):
-        for name in ("memory_k", "memory_v"):
-            new[name] = _put(state[name], getattr(context, name), slot, 1)
-        for name in ("memory_image", "memory_tile"):
-            new[name] = _put(state[name], getattr(context, name), slot, 0)
-        new["new_image"] = state["new_image"].at[slot].set(jnp.max(token_image))
+    new["cache"] = dict(state["cache"])
+
+    def row(x, i, axis):
+        return jax.lax.slice_in_dim(x, i, i + 1, axis=axis)
+
+    for i in range(k):  # k is a small static bucket
+        slot = slots[i]
+        for name in ("k", "v"):
+            new["cache"][name] = _put(new["cache"][name], row(cache[name], i, 1), slot, 1)
+        for name in ("segment_ids", "positions"):
+            new["cache"][name] = _put(new["cache"][name], row(wide[name], i, 0), slot, 0)
+        new["counts"] = _put(new["counts"], row(counts, i, 0), slot, 0)
+        new["seen"] = _put(new["seen"], row(seen, i, 0), slot, 0)
+        if cfg.arch in ("X", "H"):
+            for name in ("memory_k", "memory_v"):
+                new[name] = _put(new[name], row(getattr(context, name), i, 1), slot, 1)
+            for name in ("memory_image", "memory_tile"):
+                new[name] = _put(new[name], row(getattr(context, name), i, 0), slot, 0)
+            new["new_image"] = new["new_image"].at[slot].set(jnp.max(token_image[i]))
     return token, new
 
 
@@ -155,6 +163,20 @@ def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _encode_images(params, pixels, *, cfg: NVLMConfig):
     return NVLM(cfg).apply({"params": params}, pixels, method=NVLM.encode_images)
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """One admitted request's prefill row: ids [1, P], its tiles' features [1, T, n, E], ..."""
+
+    entry: _Slot
+    length: int
+    ids: np.ndarray
+    features: jax.Array
+    valid: np.ndarray
+    tile_image: np.ndarray
+    token_image: np.ndarray | None
+    token_tile: np.ndarray | None
 
 
 @dataclasses.dataclass
@@ -233,12 +255,38 @@ class Engine:
             self._cond.notify()
         return handle
 
-    def start(self) -> Engine:
-        """Serves requests on a background (daemon) thread."""
+    def start(self, warmup: bool = False) -> Engine:
+        """Serves requests on a background (daemon) thread; `warmup` first compiles what the
+        first requests would otherwise wait for (`warmup`)."""
+        if warmup and self._thread is None:
+            self.warmup()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="nvlm-engine", daemon=True)
             self._thread.start()
         return self
+
+    def warmup(self) -> None:
+        """Compiles the prefill program of every group size (1, 2, 4, ... up to `max_batch`) at
+        the smallest prompt bucket and the decode programs (one slot alone, all slots) at the
+        smallest cache view, on placeholder rows; the state is reset afterwards. Longer prompts'
+        buckets still compile on first use."""
+        cfg, t = self.cfg, self.memory_tiles
+        p = min(MIN_PROMPT_BUCKET, self.max_len)
+        sizes = sorted({1 << (n - 1).bit_length() for n in range(1, self.max_batch + 1)})  # as `_admit` pads
+        with mesh_context(self.model.mesh, self.model.rules):
+            for k in sizes:
+                slots = np.arange(k, dtype=np.int32) % self.max_batch
+                ids = np.zeros((k, p), np.int32)
+                cross = np.full((k, p), -1, np.int32) if cfg.arch in ("X", "H") else None
+                features = jnp.concatenate([self._no_features(t)] * k)
+                _, self._state = _prefill(self.model.params, self._state, slots, ids, np.ones((k,), np.int32),
+                                          features, np.zeros((k, t), bool), np.full((k, t), -1, np.int32), cross,
+                                          cross, self._rows([None] * k, steps=[0] * k), cfg=cfg)
+            for b in sorted({1, self.max_batch}):
+                zeros = np.zeros((b,), np.int32)
+                _, self._state = _decode(self.model.params, self._state, zeros, zeros, np.zeros((b,), bool),
+                                         self._rows([None] * b), cfg=cfg, view=self._view(0))
+            self._state = self._initial_state()
 
     def stop(self) -> None:
         with self._cond:
@@ -325,7 +373,9 @@ class Engine:
         tile_image[0, :total] = np.repeat(np.arange(len(counts)), counts)
         return features, valid, tile_image
 
-    def _admit(self, handle: Handle, slot: int) -> None:
+    def _prepare(self, handle: Handle) -> _Prompt:
+        """A waiting request's prefill inputs (one row each); ValueError for a prompt this model
+        cannot take."""
         request, cfg = handle.request, self.cfg
         ids = np.asarray(request.input_ids, np.int32)
         n = ids.size
@@ -344,14 +394,33 @@ class Engine:
         s = request.sampling
         seed = int(self._rng.integers(2**32)) if s.seed is None else s.seed
         entry = _Slot(handle, position=n, last=-1, sampling=s, seed=seed)
-        rows = self._rows([entry], steps=[0])
+        return _Prompt(entry, n, row_ids, features, valid, tile_image, token_image, token_tile)
+
+    def _admit(self, group: Sequence[tuple[int, _Prompt]]) -> None:
+        """Prefills `(slot, prompt)` pairs of one prompt bucket in one program (the group padded
+        to a power of two by repeating its last row), then takes each one's first token."""
+        size = 1 << (len(group) - 1).bit_length()
+        padded = list(group) + [group[-1]] * (size - len(group))
+        prompts = [prompt for _, prompt in padded]
+
+        def stack(name):
+            parts = [getattr(q, name) for q in prompts]
+            return None if parts[0] is None else np.concatenate([np.asarray(x) for x in parts])
+
+        rows = self._rows([q.entry for q in prompts], steps=[0] * size)
+        features = jnp.concatenate([q.features for q in prompts])
         with mesh_context(self.model.mesh, self.model.rules):
-            token, self._state = _prefill(self.model.params, self._state, np.int32(slot), row_ids, np.int32(n),
-                                          features, valid, tile_image, token_image, token_tile, rows, cfg=cfg)
-        self.counters["prompt_tokens"] += n
-        self._slots[slot] = entry
-        entry.position = n - 1  # `_accept` moves it to the first answer token's column
-        self._accept(slot, int(np.asarray(token)[0]))
+            tokens, self._state = _prefill(
+                self.model.params, self._state, np.asarray([slot for slot, _ in padded], np.int32), stack("ids"),
+                np.asarray([q.length for q in prompts], np.int32), features, stack("valid"), stack("tile_image"),
+                stack("token_image"), stack("token_tile"), rows, cfg=self.cfg)
+        tokens = np.asarray(tokens)
+        self.counters["prefill_calls"] += 1
+        for i, (slot, prompt) in enumerate(group):
+            self.counters["prompt_tokens"] += prompt.length
+            self._slots[slot] = prompt.entry
+            prompt.entry.position = prompt.length - 1  # `_accept` moves it to the first answer token's column
+            self._accept(slot, int(tokens[i]))
 
     def _rows(self, slots: Sequence[_Slot | None], steps: Sequence[int] | None = None) -> RowSampling:
         def col(fn, dtype):
@@ -457,13 +526,17 @@ class Engine:
                         admit.append((handle, free[len(admit)]))
             try:
                 self._drop_cancelled()
+                by_bucket: dict[int, list[tuple[int, _Prompt]]] = collections.defaultdict(list)
                 for handle, slot in admit:
                     try:
-                        self._admit(handle, slot)
+                        prompt = self._prepare(handle)
                     except ValueError as e:  # a request the model cannot take: only it fails
-                        self._slots[slot] = None
                         self.counters["failed"] += 1
                         handle.emit(Failed(str(e)))
+                        continue
+                    by_bucket[prompt.ids.shape[1]].append((slot, prompt))
+                for group in by_bucket.values():  # requests that arrived together prefill together
+                    self._admit(group)
                 if any(s is not None for s in self._slots):
                     self._step()
             except Exception as e:  # noqa: BLE001 - the engine must outlive one broken step

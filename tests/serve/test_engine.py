@@ -102,3 +102,45 @@ def test_request_sampling_checks_its_ranges():
         RequestSampling(top_p=0)
     with pytest.raises(ValueError, match="frequency_penalty must be in"):
         RequestSampling(frequency_penalty=3)
+
+
+@pytest.mark.parametrize("arch", ["D", "H"])
+def test_requests_arriving_together_prefill_together_and_answer_as_generate(arch, tokenizer):
+    model = _xh_model(arch, tokenizer)
+    a, b = image(60, 30, seed=1), image(40, 40, seed=3)
+    prompts = [(a, "What is it?"), (None, "Hello there."), (b, "And this one?"), ([a, b], "Compare them.")]
+    cases = _requests(model, prompts)
+    engine = Engine(model, max_batch=4, max_len=256, max_images=2)
+    handles = [engine.submit(request) for request, _ in cases]  # all waiting before the engine runs
+    engine.start()
+    try:
+        for handle, (_, want) in zip(handles, cases, strict=True):
+            done = list(handle)[-1]
+            assert isinstance(done, Finished), done
+            np.testing.assert_array_equal(done.token_ids, want)
+        buckets = {max(64, 1 << (int(np.asarray(r.input_ids).size) - 1).bit_length()) for r, _ in cases}
+        # one prefill program call per prompt bucket, not per request (three rows padded to four)
+        assert engine.metrics()["prefill_calls"] == len(buckets) < len(cases)
+    finally:
+        engine.stop()
+
+
+def test_warmup_compiles_what_the_first_requests_need_and_leaves_a_clean_state(tokenizer):
+    from nvlm_jax.serve import engine as engine_lib
+
+    model = _xh_model("X", tokenizer)
+    cases = _requests(model, [(None, "Hello there."), (None, "Hi.")])
+    engine = Engine(model, max_batch=3, max_len=128, max_images=1)
+    fresh = jax.tree_util.tree_map(np.asarray, engine._state)
+    engine.warmup()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, fresh, jax.tree_util.tree_map(np.asarray, engine._state))
+    compiled = engine_lib._prefill._cache_size(), engine_lib._decode._cache_size()
+    handles = [engine.submit(request) for request, _ in cases]  # a group of two short prompts
+    engine.start()
+    try:
+        for handle, (_, want) in zip(handles, cases, strict=True):
+            np.testing.assert_array_equal(list(handle)[-1].token_ids, want)
+    finally:
+        engine.stop()
+    assert engine.metrics()["prefill_calls"] == 1
+    assert (engine_lib._prefill._cache_size(), engine_lib._decode._cache_size()) == compiled  # nothing new
