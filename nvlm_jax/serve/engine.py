@@ -167,9 +167,10 @@ def _encode_images(params, pixels, *, cfg: NVLMConfig):
 
 @dataclasses.dataclass
 class _Prompt:
-    """One admitted request's prefill row: ids [1, P], its tiles' features [1, T, n, E], ..."""
+    """One admitted request's prefill row: ids [1, P], its tiles' features [1, T, n, E], ...
+    (`entry` None: a warm-up placeholder, sampled with default settings)."""
 
-    entry: _Slot
+    entry: _Slot | None
     length: int
     ids: np.ndarray
     features: jax.Array
@@ -272,16 +273,13 @@ class Engine:
         buckets still compile on first use."""
         cfg, t = self.cfg, self.memory_tiles
         p = min(MIN_PROMPT_BUCKET, self.max_len)
+        cross = np.full((1, p), -1, np.int32) if cfg.arch in ("X", "H") else None
+        placeholder = _Prompt(None, 1, np.zeros((1, p), np.int32), self._no_features(t), np.zeros((1, t), bool),
+                              np.full((1, t), -1, np.int32), cross, cross)
         sizes = sorted({1 << (n - 1).bit_length() for n in range(1, self.max_batch + 1)})  # as `_admit` pads
+        for k in sizes:
+            self._prefill_rows([(i % self.max_batch, placeholder) for i in range(k)])
         with mesh_context(self.model.mesh, self.model.rules):
-            for k in sizes:
-                slots = np.arange(k, dtype=np.int32) % self.max_batch
-                ids = np.zeros((k, p), np.int32)
-                cross = np.full((k, p), -1, np.int32) if cfg.arch in ("X", "H") else None
-                features = jnp.concatenate([self._no_features(t)] * k)
-                _, self._state = _prefill(self.model.params, self._state, slots, ids, np.ones((k,), np.int32),
-                                          features, np.zeros((k, t), bool), np.full((k, t), -1, np.int32), cross,
-                                          cross, self._rows([None] * k, steps=[0] * k), cfg=cfg)
             for b in sorted({1, self.max_batch}):
                 zeros = np.zeros((b,), np.int32)
                 _, self._state = _decode(self.model.params, self._state, zeros, zeros, np.zeros((b,), bool),
@@ -400,27 +398,30 @@ class Engine:
         """Prefills `(slot, prompt)` pairs of one prompt bucket in one program (the group padded
         to a power of two by repeating its last row), then takes each one's first token."""
         size = 1 << (len(group) - 1).bit_length()
-        padded = list(group) + [group[-1]] * (size - len(group))
-        prompts = [prompt for _, prompt in padded]
-
-        def stack(name):
-            parts = [getattr(q, name) for q in prompts]
-            return None if parts[0] is None else np.concatenate([np.asarray(x) for x in parts])
-
-        rows = self._rows([q.entry for q in prompts], steps=[0] * size)
-        features = jnp.concatenate([q.features for q in prompts])
-        with mesh_context(self.model.mesh, self.model.rules):
-            tokens, self._state = _prefill(
-                self.model.params, self._state, np.asarray([slot for slot, _ in padded], np.int32), stack("ids"),
-                np.asarray([q.length for q in prompts], np.int32), features, stack("valid"), stack("tile_image"),
-                stack("token_image"), stack("token_tile"), rows, cfg=self.cfg)
-        tokens = np.asarray(tokens)
+        tokens = self._prefill_rows(list(group) + [group[-1]] * (size - len(group)))
         self.counters["prefill_calls"] += 1
         for i, (slot, prompt) in enumerate(group):
             self.counters["prompt_tokens"] += prompt.length
             self._slots[slot] = prompt.entry
             prompt.entry.position = prompt.length - 1  # `_accept` moves it to the first answer token's column
             self._accept(slot, int(tokens[i]))
+
+    def _prefill_rows(self, rows: Sequence[tuple[int, _Prompt]]) -> np.ndarray:
+        """Runs `_prefill` on `(slot, prompt)` rows of one prompt bucket; their first tokens."""
+        prompts = [prompt for _, prompt in rows]
+
+        def stack(name):
+            parts = [getattr(q, name) for q in prompts]
+            return None if parts[0] is None else np.concatenate([np.asarray(x) for x in parts])
+
+        sampling = self._rows([q.entry for q in prompts], steps=[0] * len(prompts))
+        features = jnp.concatenate([q.features for q in prompts])
+        with mesh_context(self.model.mesh, self.model.rules):
+            tokens, self._state = _prefill(
+                self.model.params, self._state, np.asarray([slot for slot, _ in rows], np.int32), stack("ids"),
+                np.asarray([q.length for q in prompts], np.int32), features, stack("valid"), stack("tile_image"),
+                stack("token_image"), stack("token_tile"), sampling, cfg=self.cfg)
+        return np.asarray(tokens)
 
     def _rows(self, slots: Sequence[_Slot | None], steps: Sequence[int] | None = None) -> RowSampling:
         def col(fn, dtype):
