@@ -15,6 +15,8 @@ steps at a KV cache of `--prompt_len + --new_tokens` slots, batch 1 and 8, with 
 bfloat16 / int8 / int4 weights (int8/int4: weight-only, float32 activations); each format's
 weight-bandwidth limit is the bytes one step reads (every LLM weight but the embedding table;
 int4 counted at 4 bits) over the read bandwidth measured in the same run (a sum over 1 GiB).
+Each format runs with the decoder layers' params stacked (as stored; a scan) and per layer
+(`NVLMConfig.layer_layout`, what `load_pretrained` picks for NVLM-D on CPU).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def step_seconds(cfg, params, batch: int, slots: int, repeats: int) -> float:
 def weights_main(args) -> None:
     from bench import device_check
     from nvlm_jax.checkpoint.quantized import quantize_params
+    from nvlm_jax.models.layer_layout import to_layout
 
     f32 = device_check.model_config(False).replace(dtype="float32", param_dtype="float32")
     base = nvlm_model.init_params(f32, jax.random.key(0))
@@ -151,15 +154,19 @@ def weights_main(args) -> None:
             cfg, params = quantize_params(jax.tree_util.tree_map(lambda x: x.copy(), base), f32, name)
         else:
             cfg = f32.replace(dtype=name, param_dtype=name)
-            params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n), base)
+            params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n).copy(), base)
         weights = step_weight_bytes(params)
-        for batch in (1, 8):
-            step = step_seconds(cfg, params, batch, slots, args.repeats)
-            step_ms[name, batch] = 1e3 * step
-            limit = bandwidth / weights  # steps/s if the step only read its weights at the measured bandwidth
-            print(f"{name:8s} batch {batch}: step {1e3 * step:7.1f} ms, {batch / step:7.1f} tok/s, weights "
-                  f"{weights / 2**20:6.0f} MiB/step, {1 / step / limit:.2f} of its weight-bandwidth limit, "
-                  f"{step_ms['float32', batch] / (1e3 * step):.2f}x float32's tok/s", flush=True)
+        limit = bandwidth / weights  # steps/s if the step only read its weights at the measured bandwidth
+        for layout in ("stacked", "per_layer"):
+            lcfg, lparams = to_layout(jax.tree_util.tree_map(lambda x: x.copy(), params), cfg, layout)
+            for batch in (1, 8):
+                step = step_seconds(lcfg, lparams, batch, slots, args.repeats)
+                ms = step_ms[name, layout, batch] = 1e3 * step
+                print(f"{name:8s} {layout:9s} batch {batch}: step {ms:7.1f} ms, {batch / step:7.1f} tok/s, weights "
+                      f"{weights / 2**20:6.0f} MiB/step, {1 / step / limit:.2f} of its weight-bandwidth limit, "
+                      f"{step_ms['float32', layout, batch] / ms:.2f}x float32's tok/s, "
+                      f"{step_ms[name, 'stacked', batch] / ms:.2f}x stacked", flush=True)
+            del lparams
 
 
 def main() -> None:

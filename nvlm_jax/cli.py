@@ -83,13 +83,15 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
 
 
 def define_model_flags() -> None:
-    """--checkpoint (required), --step, --dtype, --quantize and --tensor_parallel."""
+    """--checkpoint (required), --step, --dtype, --quantize, --layer_layout and --tensor_parallel."""
     flags.DEFINE_string("checkpoint", None, "What `nvlm_jax.load_pretrained` reads: a converted folder (NVLM-D/X/H), "
                         "a Hugging Face NVLM-D folder, a training workdir or one of its checkpoints/<step> folders.")
     flags.DEFINE_string("step", "latest", "Training workdir: 'latest', 'best' (its keep-best metric) or a step.")
     flags.DEFINE_string("dtype", "bfloat16", "Dtype to load and run the model in.")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantized Linear kernels (a folder "
                       "converted with --quantize loads as stored).")
+    flags.DEFINE_enum("layer_layout", "auto", ["auto", "stacked", "per_layer"], "How the decoder layers' "
+                      "weights are held: per_layer (NVLM-D) decodes faster on CPU; auto picks it there.")
     flags.DEFINE_integer("tensor_parallel", 0, "Devices on the mesh's tensor axis (the rest go to fsdp); "
                          "0 = the most that the model's head counts allow.")
     flags.mark_flag_as_required("checkpoint")
@@ -130,7 +132,8 @@ def load_model(located, needed_by: str):
     elif jax.device_count() > 1:
         mesh = choose_mesh(read_config(located.path, step), jax.device_count())
     try:
-        model = nvlm_jax.load_pretrained(located.path, dtype=fl.dtype, mesh=mesh, step=step, quantize=fl.quantize)
+        model = nvlm_jax.load_pretrained(located.path, dtype=fl.dtype, mesh=mesh, step=step, quantize=fl.quantize,
+                                        layer_layout=fl.layer_layout)
     except ValueError as e:  # a damaged checkpoint or tokenizer: named by the loader, one line here
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if model.tokenizer is None:

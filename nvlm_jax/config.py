@@ -229,6 +229,11 @@ class NVLMConfig:
     lora: LoraConfig = LoraConfig()
     # Weight-only quantized Linear kernels: None, "int8" or "int4" (see nvlm_jax/models/quantize.py).
     quantize: str | None = None
+    # How the decoder layers' params are held: "stacked" (`llm/layers`, one `[layers, ...]` tree run
+    # by a scan: checkpoints, training) or "per_layer" (`llm/layer_0` ... : separate arrays run by
+    # an unrolled loop; NVLM-D inference on CPU, see nvlm_jax/models/llm.py). `layer_layouts`
+    # converts params between them.
+    layer_layout: Literal["stacked", "per_layer"] = "stacked"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -240,6 +245,11 @@ class NVLMConfig:
         if self.xattn_every is not None and (isinstance(self.xattn_every, bool) or not isinstance(self.xattn_every, int)
                                              or self.xattn_every < 1):
             raise ValueError(f"config.xattn_every must be a positive integer or None, got {self.xattn_every!r}")
+        if self.layer_layout not in ("stacked", "per_layer"):
+            raise ValueError(f"config.layer_layout must be 'stacked' or 'per_layer', got {self.layer_layout!r}")
+        if self.layer_layout == "per_layer" and self.arch != "D":
+            raise ValueError(f"config.layer_layout='per_layer' is for NVLM-D; NVLM-{self.arch} interleaves "
+                             "cross-attention groups and keeps 'stacked'")
         if self.ps_version not in ("v1", "v2"):
             raise ValueError(f"ps_version must be v1 or v2, got {self.ps_version!r}")
         scale = round(1 / self.downsample_ratio)

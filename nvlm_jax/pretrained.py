@@ -46,6 +46,7 @@ from nvlm_jax.generate import (
     mesh_context,
     prepare_row_tiles,
 )
+from nvlm_jax.models import layer_layout as layout_lib
 from nvlm_jax.models import lora as lora_lib
 from nvlm_jax.models.nvlm import NVLM, check_image_token_count, check_mesh
 from nvlm_jax.models.quantize import check_mode
@@ -499,6 +500,7 @@ def load_pretrained(
     verify: bool = False,
     merge_lora: bool = True,
     quantize: str | None = None,
+    layer_layout: str = "auto",
 ) -> NVLMModel:
     """Loads an NVLM model from any checkpoint (see `nvlm_jax.checkpoint.folders`).
 
@@ -525,6 +527,9 @@ def load_pretrained(
         `nvlm_jax.models.quantize`). An HF folder is quantized slab by slab on the host while it
         streams; unquantized Orbax params are quantized on their devices one kernel at a time; a
         folder converted with `--quantize` loads as stored (None also loads it as stored).
+      layer_layout: how the decoder layers' params are held for inference: "stacked" (as
+        stored), "per_layer" (NVLM-D; separate arrays, faster decode on CPU) or "auto" (per-layer
+        for NVLM-D on CPU, else stacked); see `nvlm_jax.models.layer_layout`.
 
     Raises:
       CheckpointNotFoundError (a FileNotFoundError) when `path` or the step does not exist,
@@ -538,6 +543,8 @@ def load_pretrained(
                              f"{loc.describe()}")
         verify_manifest(_local_root(loc, "a converted folder to verify"))
     check_mode(quantize)
+    if layer_layout not in ("auto", "stacked", "per_layer"):
+        raise ValueError(f"layer_layout must be 'auto', 'stacked' or 'per_layer', got {layer_layout!r}")
     if loc.kind == "hf":
         cfg, params = load_hf_params(_local_root(loc), dtype or "bfloat16", mesh,
                                      drop_dummy_heads=drop_dummy_heads, progress=progress, rules=rules,
@@ -552,6 +559,8 @@ def load_pretrained(
             params, cfg = lora_lib.merge(params, cfg)
         if quantize is not None and cfg.quantize is None:
             cfg, params = quantize_params(params, cfg, quantize, mesh, rules)
+    layout = layout_lib.auto_layout(cfg) if layer_layout == "auto" else layer_layout
+    cfg, params = layout_lib.to_layout(params, cfg, layout, mesh, rules)
     tokenizer = tokenizer_from_spec(info.tokenizer) if info.tokenizer is not None else None
     return NVLMModel(cfg, params, tokenizer, mesh, rules, prompt_format=info.prompt_format, source=loc)
 

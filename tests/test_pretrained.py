@@ -117,3 +117,16 @@ def test_prepare_chat_cross_ids_equal_the_training_pipeline(arch, tmp_path):
     np.testing.assert_array_equal(ids.token_tile, example.token_tile)
     np.testing.assert_array_equal(ids.tile_image, example.tile_image)
     assert ids.token_image.max() == 1 and set(ids.token_tile[ids.token_tile >= 0]) == {0, 1, 2, 3}
+
+
+def test_layer_layout_is_per_layer_on_cpu_unless_asked(release, from_orbax):
+    assert from_orbax.config.layer_layout == "per_layer"  # "auto": NVLM-D on CPU
+    assert "layers" not in from_orbax.params["llm"] and "layer_0" in from_orbax.params["llm"]
+    stacked = nvlm_jax.load_pretrained(hc.tiny_converted(), dtype="float32", layer_layout="stacked")
+    assert stacked.config.layer_layout == "stacked" and "layers" in stacked.params["llm"]
+    ids = hc.prompt_ids(release.cfg, [3, 1], seed=4)
+    np.testing.assert_array_equal(
+        stacked.generate(ids[None], PIXELS, max_new_tokens=16, stop_token_ids=()),
+        from_orbax.generate(ids[None], PIXELS, max_new_tokens=16, stop_token_ids=()))
+    with pytest.raises(ValueError, match="layer_layout must be 'auto', 'stacked' or 'per_layer', got 'flat'"):
+        nvlm_jax.load_pretrained(hc.tiny_converted(), layer_layout="flat")

@@ -126,6 +126,10 @@ class LLM(nn.Module):
     remat: str = "none"
     xattn_every: int | None = None
     lora: LoraConfig = LoraConfig()
+    # Layer params as separate arrays `layer_{i}`, run by an unrolled loop (`NVLMConfig.layer_layout`).
+    # Why: XLA:CPU copies each layer's weights out of a stacked array before its products (and a
+    # bf16 stack through f32), which cost more than the products in decode (BUILD_NOTES).
+    per_layer: bool = False
 
     def setup(self):
         c = self.cfg
@@ -137,12 +141,16 @@ class LLM(nn.Module):
         )
         e = c.hidden_size
         dummy_mask = MaskSpec(causal=True)
-        self.layers = self.param(
-            "layers",
-            stacked_init(self._layer(), c.num_layers, "layers", jnp.zeros((1, 1, e), self.dtype), None,
-                         jnp.ones((1, 1, c.head_dim), self.dtype), jnp.zeros((1, 1, c.head_dim), self.dtype),
-                         dummy_mask, 0),
-        )
+        example = (jnp.zeros((1, 1, e), self.dtype), None, jnp.ones((1, 1, c.head_dim), self.dtype),
+                   jnp.zeros((1, 1, c.head_dim), self.dtype), dummy_mask, 0)
+        if self.per_layer:
+            if self.xattn_every is not None:
+                raise ValueError("per-layer decoder params are for decoders without cross-attention groups")
+            self.layers = tuple(
+                self.param(f"layer_{i}", lambda rng: self._layer().init(rng, *example)["params"])
+                for i in range(c.num_layers))
+        else:
+            self.layers = self.param("layers", stacked_init(self._layer(), c.num_layers, "layers", *example))
         self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = Linear(
@@ -231,6 +239,15 @@ class LLM(nn.Module):
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
+        if self.per_layer:
+            new_caches = []
+            for i, params in enumerate(self.layers):
+                lcache = None if layer_cache is None else {n: a[i] for n, a in layer_cache.items()}
+                x, new = one_layer(x, (params, lcache, None if keys is None else keys[i]))
+                new_caches.append(new)
+            if layer_cache is None:
+                return x, None
+            return x, {n: jnp.stack([new[n] for new in new_caches]) for n in layer_cache}
         if self.xattn_every is None:
             if xattn is not None:
                 raise ValueError("cross-attention inputs given to a decoder without xattn_every")

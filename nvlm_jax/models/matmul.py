@@ -38,9 +38,28 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, compute_dtype, out_dtype) -> j
 
 
 def _forward(spec, a, b, compute_dtype, out_dtype):
-    _parse(spec)
-    y = jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=jnp.float32)
+    sa, sb, sout = _parse(spec)
+    a, b = a.astype(compute_dtype), b.astype(compute_dtype)
+    if _one_row_on_cpu(sa, sb, sout, a, compute_dtype):
+        # XLA:CPU has no half-precision matrix-vector kernel: it converts the whole weight to f32
+        # (for a stacked weight, every layer's, once per call) and multiplies in f32. Two rows go
+        # to its bf16 matrix kernel: the 151,680 x 768 bf16 lm_head took 147 ms for one row
+        # and 16 ms for two (BUILD_NOTES). The second row is zeros and is dropped.
+        pad = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec)
+        a2 = jnp.stack([a, jnp.zeros_like(a)])
+        y = jnp.einsum(f"{pad}{sa},{sb}->{pad}{sout}", a2, b, preferred_element_type=jnp.float32)[0]
+    else:
+        y = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     return y.astype(out_dtype)
+
+
+def _one_row_on_cpu(sa: str, sb: str, sout: str, a: jax.Array, compute_dtype) -> bool:
+    """Whether this is a vector-matrix product (a's free axes hold one element, no batch axes) in
+    a half-precision dtype on XLA:CPU."""
+    if jnp.dtype(compute_dtype).itemsize != 2 or jax.default_backend() != "cpu":
+        return False
+    batch = set(sa) & set(sb) & set(sout)
+    return not batch and all(n == 1 for c, n in zip(sa, a.shape, strict=True) if c not in sb)
 
 
 def _fwd(spec, a, b, compute_dtype, out_dtype):

@@ -87,7 +87,7 @@ class NVLM(nn.Module):
         self.projector = Projector(c.projector, lora=c.lora.on("projector"), **common)
         xattn_every = c.xattn_every if c.arch in ("X", "H") else None
         self.llm = LLM(c.llm, attention_impl=c.attention_impl, remat=c.remat_policy, xattn_every=xattn_every,
-                       lora=c.lora, **common)
+                       lora=c.lora, per_layer=c.layer_layout == "per_layer", **common)
         if xattn_every:
             e = c.llm.hidden_size
             block = GatedCrossAttention(c.llm, attention_impl=c.attention_impl, parent=None, **common)

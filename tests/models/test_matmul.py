@@ -55,16 +55,21 @@ def test_bf16_grads_round_the_cotangent_and_keep_operand_dtypes(spec):
     np.testing.assert_allclose(db, ref_db, atol=3e-2 * scale_b)
 
 
-def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+def _dots(jaxpr) -> list:
+    """Every dot_general equation, nested jaxprs (custom_vjp, pjit) included."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            found.append(eqn)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    found += _dot_operand_dtypes(getattr(sub, "jaxpr", sub) if not hasattr(sub, "eqns") else sub)
+                    found += _dots(getattr(sub, "jaxpr", sub) if not hasattr(sub, "eqns") else sub)
     return found
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+    return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in _dots(jaxpr)]
 
 
 def test_bf16_backward_has_only_bf16_products():
@@ -100,3 +105,34 @@ def test_bad_specs_are_named(spec, message):
 def test_linear_spec():
     assert matmul.linear_spec(3, 1, 1) == "abc,cd->abd"
     assert matmul.linear_spec(4, 2, 2) == "abcd,cdef->abef"
+
+
+def _dot_lhs_shapes(fn, *args) -> list[tuple[int, ...]]:
+    return [tuple(e.invars[0].aval.shape) for e in _dots(jax.make_jaxpr(fn)(*args).jaxpr)]
+
+
+def test_one_row_half_precision_products_run_as_two_rows_on_cpu():
+    # XLA:CPU has no bf16 matrix-vector kernel (it converts the whole weight to f32): a one-row
+    # product gets a zero second row, which is dropped again.
+    assert jax.default_backend() == "cpu"
+    spec = "abk,kn->abn"
+    a = jax.random.normal(jax.random.key(0), (1, 1, 64), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (64, 48), jnp.bfloat16)
+
+    def ours(a, b):
+        return matmul.einsum(spec, a, b, jnp.bfloat16, jnp.float32)
+
+    assert _dot_lhs_shapes(ours, a, b) == [(2, 1, 1, 64)]
+    y = jax.jit(ours)(a, b)
+    assert y.shape == (1, 1, 48) and y.dtype == jnp.float32
+    want = np.einsum(spec, np.asarray(a, np.float32), np.asarray(b, np.float32))  # exact bf16 products
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    # still differentiable: the padding row gets no gradient
+    g = jax.grad(lambda a: jnp.sum(ours(a, b)))(a)
+    np.testing.assert_allclose(np.asarray(g, np.float32)[0, 0], np.asarray(b, np.float32).sum(1), rtol=1e-2)
+    # several rows, float32, and batched (attention) products are left alone
+    assert _dot_lhs_shapes(ours, jnp.ones((2, 1, 64), jnp.bfloat16), b) == [(2, 1, 64)]
+    assert _dot_lhs_shapes(lambda a, b: matmul.einsum(spec, a, b, jnp.float32, jnp.float32), a, b) == [(1, 1, 64)]
+    q, k = jnp.ones((1, 1, 1, 1, 8), jnp.bfloat16), jnp.ones((1, 1, 8, 6), jnp.bfloat16)
+    assert _dot_lhs_shapes(lambda q, k: matmul.einsum("bkgsd,bkdt->bkgst", q, k, jnp.bfloat16, jnp.float32),
+                           q, k) == [(1, 1, 1, 1, 8)]
