@@ -10,6 +10,7 @@ the input gradients through the frozen LLM that any LoRA step over this model mu
 compute in `--dtype`. XLA's own FLOP count of each compiled step is printed too.
 
     python bench/lora_step.py [--rank 16] [--targets llm,projector] [--batch 8] [--seq 512] [--rounds 5]
+        [--layer_layout stacked|per_layer]
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each, alternated")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layer_layout", default="stacked", choices=("stacked", "per_layer"),
+                        help="the decoder layers' params: stacked (a scan, as training runs) or per layer")
     args = parser.parse_args()
 
-    base = bench_config(args.dtype, "none")
+    base = bench_config(args.dtype, "none").replace(layer_layout=args.layer_layout)
     lora = C.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
     # name -> (config, stage). The third run adapts nothing and trains only the projector with the
     # ViT and LLM frozen: forward plus input gradients through the frozen LLM, the least any LoRA
@@ -84,7 +87,7 @@ def main() -> None:
           f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}  "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"model: {info[full]['params'] / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens + 1 tile "
-          f"per row, compute {args.dtype}, stage sft")
+          f"per row, compute {args.dtype}, stage sft, {args.layer_layout} decoder layers")
     print("run | trainable params | optimizer state | XLA GFLOP | compile s | step median (min-max) ms")
     for name in runs:
         t = np.asarray(times[name]) * 1e3

@@ -1,7 +1,9 @@
 """Serving numbers: the OpenAI-compatible server (continuous batching) vs `generate` one by one.
 
 For each model (the tiny test NVLM-D and the 126M-param NVLM-D of `bench/train_step.py`, random
-weights drawn from a fixed seed, float32 on CPU, tiny test tokenizer), in one run:
+weights drawn from a fixed seed, float32 on CPU (and bfloat16 with `--dtypes float32,bfloat16`:
+the serve CLI's default dtype), decoder params held as `load_pretrained` holds them (per layer
+on CPU), tiny test tokenizer), in one run:
 
 * the same `--requests` text prompts (different lengths, greedy, `--max_tokens` each) are sent
   by 1, 4 and 8 concurrent streaming clients (the real `openai` client, one thread each) to a
@@ -17,7 +19,8 @@ weights drawn from a fixed seed, float32 on CPU, tiny test tokenizer), in one ru
 Warm-up requests compile every program first (the server's prefill buckets and decode step,
 `generate`'s programs) and are not timed.
 
-    python bench/serve.py [--models tiny,126m] [--requests 16] [--max_tokens 64] [--load_seconds 60]
+    python bench/serve.py [--models tiny,126m] [--dtypes float32] [--requests 16] [--max_tokens 64]
+        [--load_seconds 60]
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ QUESTIONS = ["What is the colour of the sky?", "Name three shapes.", "Count from
              "Tell me about triangles, circles and squares in a picture.", "What is two plus two?"]
 
 
-def build_model(name: str):
+def build_model(name: str, dtype: str = "float32"):
     """(NVLMModel, description) with weights drawn on the host from a fixed seed."""
     import jax
     from flax import linen as nn
@@ -54,10 +57,11 @@ def build_model(name: str):
     from nvlm_jax import config as C
     from nvlm_jax.data.pipeline import config_for_tokenizer
     from nvlm_jax.models import nvlm as nvlm_model
+    from nvlm_jax.models.layer_layout import auto_layout, to_layout
     from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
 
     tok = load_tokenizer(make_tiny_tokenizer(tempfile.mkdtemp(prefix="serve_bench_tok")))
-    base = C.tiny("D") if name == "tiny" else bench_config("float32", "none")
+    base = C.tiny("D").replace(dtype=dtype, param_dtype=dtype) if name == "tiny" else bench_config(dtype, "none")
     cfg = config_for_tokenizer(base, tok)
     rng = np.random.default_rng(0)
 
@@ -67,8 +71,10 @@ def build_model(name: str):
         return (0.05 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
 
     params = jax.device_put(jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(nvlm_model.abstract_params(cfg))))
+    cfg, params = to_layout(params, cfg, auto_layout(cfg))  # as `load_pretrained` holds them
     model = nvlm_jax.NVLMModel(cfg, params, tok)
-    return model, f"{name}: {C.param_count(cfg) / 1e6:.0f}M params, llm {cfg.llm.num_layers}x{cfg.llm.hidden_size}"
+    return model, (f"{name}: {C.param_count(cfg) / 1e6:.0f}M params, llm {cfg.llm.num_layers}x{cfg.llm.hidden_size}, "
+                   f"{cfg.dtype}, {cfg.layer_layout} layers")
 
 
 def serve_main(args) -> None:
@@ -78,7 +84,7 @@ def serve_main(args) -> None:
     from nvlm_jax.serve.app import create_app
     from nvlm_jax.serve.engine import Engine
 
-    model, _ = build_model(args.serve_model)
+    model, _ = build_model(args.serve_model, args.serve_dtype)
     engine = Engine(model, max_batch=8, max_len=args.max_len).start(warmup=True)  # as the server CLI
     uvicorn.run(create_app(engine, model_name="nvlm"), host="127.0.0.1", port=args.port, log_level="warning")
 
@@ -88,13 +94,13 @@ def _get(url: str) -> str:
         return r.read().decode()
 
 
-def start_server(name: str, max_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(name: str, max_len: int, dtype: str) -> tuple[subprocess.Popen, str]:
     from tests.serve.server import free_port
 
     port = free_port()
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
     proc = subprocess.Popen([sys.executable, __file__, f"--serve_model={name}", f"--port={port}",
-                             f"--max_len={max_len}"], stdout=subprocess.DEVNULL, stderr=log)
+                             f"--max_len={max_len}", f"--serve_dtype={dtype}"], stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -199,10 +205,10 @@ def load_test(base: str, seconds: float, clients: int = 16) -> dict:
                 waiting=int(metrics["nvlm_waiting"]), finished_cancelled=int(metrics.get("nvlm_finished_cancelled", 0)))
 
 
-def bench_model(name: str, args) -> dict:
-    model, description = build_model(name)
+def bench_model(name: str, dtype: str, args) -> dict:
+    model, description = build_model(name, dtype)
     questions = [f"{QUESTIONS[i % len(QUESTIONS)]} " + "Please answer. " * (i % 4) for i in range(args.requests)]
-    proc, base = start_server(name, args.max_len)
+    proc, base = start_server(name, args.max_len, dtype)
     try:
         # Warm-up: compiles every prompt bucket and the decode programs (one slot alone, all slots).
         run_clients(base, questions[:4], 1, args.max_tokens)
@@ -229,7 +235,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--max_len", type=int, default=512)
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: each model runs in each")
     parser.add_argument("--load_seconds", type=float, default=0)
+    parser.add_argument("--serve_dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--serve_model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,8 +247,8 @@ def main() -> None:
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()}")
     print(f"# python bench/serve.py {' '.join(sys.argv[1:])}")
-    for name in args.models.split(","):
-        result = bench_model(name, args)
+    for name, dtype in [(n, d) for n in args.models.split(",") for d in args.dtypes.split(",")]:
+        result = bench_model(name, dtype, args)
         print(f"\n## {result['model']} ({args.requests} requests, max_tokens {args.max_tokens}, greedy)")
         print("| run | wall s | tokens | tok/s | vs generate | TTFT p50/p99 ms | ITL p50/p99 ms |")
         print("|---|---|---|---|---|---|---|")

@@ -126,7 +126,7 @@ class LLM(nn.Module):
     remat: str = "none"
     xattn_every: int | None = None
     lora: LoraConfig = LoraConfig()
-    # Layer params as separate arrays `layer_{i}`, run by an unrolled loop (`NVLMConfig.layer_layout`).
+    # Layer params as separate arrays `layer_{i}` (`NVLMConfig.layer_layout`), read in place.
     # Why: XLA:CPU copies each layer's weights out of a stacked array before its products (and a
     # bf16 stack through f32), which cost more than the products in decode (BUILD_NOTES).
     per_layer: bool = False
@@ -240,14 +240,15 @@ class LLM(nn.Module):
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
         if self.per_layer:
-            new_caches = []
-            for i, params in enumerate(self.layers):
-                lcache = None if layer_cache is None else {n: a[i] for n, a in layer_cache.items()}
-                x, new = one_layer(x, (params, lcache, None if keys is None else keys[i]))
-                new_caches.append(new)
-            if layer_cache is None:
-                return x, None
-            return x, {n: jnp.stack([new[n] for new in new_caches]) for n in layer_cache}
+            # The scan still walks the stacked cache; each step switches to its layer's function,
+            # which reads that layer's own weight arrays in place (no slice of a stack to copy).
+            branches = [lambda x, lcache, key, p=params: one_layer(x, (p, lcache, key)) for params in self.layers]
+
+            def switch_layer(x, xs):
+                i, lcache, key = xs
+                return jax.lax.switch(i, branches, x, lcache, key)
+
+            return jax.lax.scan(switch_layer, x, (jnp.arange(len(self.layers)), layer_cache, keys))
         if self.xattn_every is None:
             if xattn is not None:
                 raise ValueError("cross-attention inputs given to a decoder without xattn_every")
