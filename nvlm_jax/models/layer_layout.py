@@ -4,7 +4,7 @@ Checkpoints and training hold the decoder layers stacked (`llm/layers`, leaves `
 run by `lax.scan`). For NVLM-D inference on CPU the per-layer layout (`llm/layer_0` ...,
 `NVLMConfig.layer_layout = "per_layer"`) decodes faster: XLA:CPU copies each layer's slice out of
 a stacked weight before multiplying (a bf16 stack through f32), and those copies cost more than
-the products (BUILD_NOTES, decode). Both layouts compute the same function.
+the products (BUILD_NOTES, "Decoder layout for CPU inference"). Both layouts compute the same function.
 """
 
 from __future__ import annotations
@@ -75,4 +75,3 @@ def _stack_and_free(xs):
     for x in xs:
         x.delete()
     return out
-

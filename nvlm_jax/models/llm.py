@@ -128,7 +128,8 @@ class LLM(nn.Module):
     lora: LoraConfig = LoraConfig()
     # Layer params as separate arrays `layer_{i}` (`NVLMConfig.layer_layout`), read in place.
     # Why: XLA:CPU copies each layer's weights out of a stacked array before its products (and a
-    # bf16 stack through f32), which cost more than the products in decode (BUILD_NOTES).
+    # bf16 stack through f32), which cost more than the products in decode (BUILD_NOTES, "Decoder
+    # layout for CPU inference").
     per_layer: bool = False
 
     def setup(self):
