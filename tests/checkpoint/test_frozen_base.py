@@ -118,16 +118,19 @@ def test_a_lora_workdir_from_another_checkpoint_loads_anywhere_and_refuses_a_cha
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # the relative init path no longer resolves from here
     mesh = loop.build_mesh(loop.LoopConfig(**LOOP))  # the run's: its compiled initialisers are reused
-    model = nvlm_jax.load_pretrained(tmp_path / "lora", dtype=None, mesh=mesh, merge_lora=False)
+    # layer_layout="stacked": the params as stored (the per-layer inference layout is tested apart)
+    model = nvlm_jax.load_pretrained(tmp_path / "lora", dtype=None, mesh=mesh, merge_lora=False,
+                                     layer_layout="stacked")
     _equal(model.params, live)
     batch = {k: jnp.asarray(v) for k, v in fakes.random_batch(cfg, 7).items()}
     np.testing.assert_array_equal(np.asarray(nvlm.apply_batch(model.params, cfg, batch)),
                                   np.asarray(nvlm.apply_batch(live, cfg, batch)))
-    merged = nvlm_jax.load_pretrained(tmp_path / "lora", dtype=None, mesh=mesh)  # merged: what chat / eval load
+    merged = nvlm_jax.load_pretrained(tmp_path / "lora", dtype=None, mesh=mesh,  # merged: what chat / eval load
+                                      layer_layout="stacked")
     merged_live, _ = lora.merge(live, cfg)
     _equal(merged.params, merged_live)
     monkeypatch.chdir(tmp_path)  # the workdir itself as a relative path (Orbax reads no metadata from one)
-    _equal(nvlm_jax.load_pretrained("lora", dtype=None, mesh=mesh).params, merged_live)
+    _equal(nvlm_jax.load_pretrained("lora", dtype=None, mesh=mesh, layer_layout="stacked").params, merged_live)
     monkeypatch.chdir(tmp_path / "elsewhere")
     # A fine-tune initialised from the LoRA workdir gets the merged weights.
     _equal(restore.run_init_params({"checkpoint": str(tmp_path / "lora")}, 0, base_cfg, mesh), merged_live)

@@ -39,7 +39,7 @@ def _equal(a, b):
 def test_load_pretrained_reads_a_training_workdir(tiny, workdir, step, want):
     cfg, params, tok = tiny
     root, fmt = workdir
-    model = nvlm_jax.load_pretrained(root, dtype=None, step=step)
+    model = nvlm_jax.load_pretrained(root, dtype=None, step=step, layer_layout="stacked")  # as stored
     assert model.config == cfg and model.source.step == want and model.prompt_format == fmt
     _equal(model.params, params_at(params, want))
     assert model.tokenizer.encode("red circle").ids == tok.encode("red circle").ids

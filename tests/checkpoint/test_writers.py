@@ -164,7 +164,7 @@ def test_restores_onto_other_meshes_equal_to_the_one_process_conversion(sharded,
     for sizes in [(2, 4, 1), (1, 1, 8)]:
         mesh = make_mesh(*sizes)
         if sizes == (2, 4, 1):
-            params = nvlm_jax.load_pretrained(out, dtype="bfloat16", mesh=mesh).params
+            params = nvlm_jax.load_pretrained(out, dtype="bfloat16", mesh=mesh, layer_layout="stacked").params
         else:
             params = restore.load_our_params(out, cfg, mesh=mesh)
         got = _flat(params)

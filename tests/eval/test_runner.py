@@ -15,6 +15,7 @@ from nvlm_jax import config as C
 from nvlm_jax.data.pipeline import config_for_tokenizer
 from nvlm_jax.eval import runner, tasks
 from nvlm_jax.eval.tasks import Sample
+from nvlm_jax.models.layer_layout import to_layout
 from nvlm_jax.pretrained import NVLMModel
 from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
 from nvlm_jax.train.step import param_shapes
@@ -154,8 +155,10 @@ def test_a_training_workdir_loads_its_latest_checkpoint(tiny, tmp_path):
     (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save is ignored
     model = runner.load_model(tmp_path)
     assert model.source.step_dir == tmp_path / "checkpoints" / "5"
-    assert model.config == tiny.config
-    for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(tiny.params), strict=True):
+    assert model.config.layer_layout == "per_layer"  # load_pretrained's choice on CPU; stored stacked
+    cfg, params = to_layout(model.params, model.config, "stacked")
+    assert cfg == tiny.config
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(tiny.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert model.tokenizer.encode("red circle").ids == tiny.tokenizer("red circle")["input_ids"]
     assert runner.load_model(tmp_path, dtype="bfloat16").params["llm"]["embed_tokens"].dtype == jnp.bfloat16

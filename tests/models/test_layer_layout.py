@@ -22,12 +22,13 @@ def _copy(tree):
 def _logits_and_decode(cfg, params, ids):
     """Full-sequence logits, then prefill 6 tokens + 3 one-token steps through a cache."""
     model = nvlm.NVLM(cfg)
-    full, _ = model.apply({"params": params}, ids)
+    full, _ = jax.jit(lambda p, ids: model.apply({"params": p}, ids))(params, ids)
+    cached = jax.jit(lambda p, ids, cache, t: model.apply({"params": p}, ids, cache=cache, cache_index=t))
     cache = init_cache(cfg.llm, ids.shape[0], 12, jnp.float32)
-    out, cache = model.apply({"params": params}, ids[:, :6], cache=cache, cache_index=0)
+    out, cache = cached(params, ids[:, :6], cache, 0)
     steps = [out]
     for t in range(6, 9):
-        out, cache = model.apply({"params": params}, ids[:, t:t + 1], cache=cache, cache_index=t)
+        out, cache = cached(params, ids[:, t:t + 1], cache, t)
         steps.append(out)
     return np.asarray(full), np.concatenate(steps, axis=1), cache
 
