@@ -154,11 +154,13 @@ def weights_main(args) -> None:
             cfg, params = quantize_params(jax.tree_util.tree_map(lambda x: x.copy(), base), f32, name)
         else:
             cfg = f32.replace(dtype=name, param_dtype=name)
-            params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n).copy(), base)
+            params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n), base)
         weights = step_weight_bytes(params)
         limit = bandwidth / weights  # steps/s if the step only read its weights at the measured bandwidth
         for layout in ("stacked", "per_layer"):
-            lcfg, lparams = to_layout(jax.tree_util.tree_map(lambda x: x.copy(), params), cfg, layout)
+            # to_layout frees what it converts: the per-layer run gets a copy (`base` stays whole)
+            source = params if layout == "stacked" else jax.tree_util.tree_map(lambda x: x.copy(), params)
+            lcfg, lparams = to_layout(source, cfg, layout)
             for batch in (1, 8):
                 step = step_seconds(lcfg, lparams, batch, slots, args.repeats)
                 ms = step_ms[name, layout, batch] = 1e3 * step
