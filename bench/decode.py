@@ -15,6 +15,10 @@ steps at a KV cache of `--prompt_len + --new_tokens` slots, batch 1 and 8, with 
 bfloat16 / int8 / int4 weights (int8/int4: weight-only, float32 activations); each format's
 weight-bandwidth limit is the bytes one step reads (every LLM weight but the embedding table;
 int4 counted at 4 bits) over the read bandwidth measured in the same run (a sum over 1 GiB).
+Its compute limit is the step's weight FLOPs (2 x batch x those weights' parameters) over the
+peak of one large matmul measured in the same run (f32, or bf16 for bf16 weights; int8/int4 run
+f32 products). The roofline is the larger of the two times; a batch-1 step is bandwidth-bound,
+at batch 8 this CPU is compute-bound, which caps what "of the bandwidth limit" can reach.
 Each format runs with the decoder layers' params stacked (as stored; a scan) and per layer
 (`NVLMConfig.layer_layout`, what `load_pretrained` picks for NVLM-D on CPU).
 """
@@ -104,6 +108,19 @@ def read_bandwidth(repeats: int = 5) -> float:
     return x.nbytes / best_seconds(lambda: total(x), repeats)
 
 
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one n x n x n matmul in `dtype` with f32 accumulation (the CPU's dot library)."""
+    a = jax.numpy.ones((n, n), dtype)
+    product = jax.jit(lambda x, y: jax.numpy.dot(x, y, preferred_element_type=jax.numpy.float32))
+    return 2 * n**3 / best_seconds(lambda: product(a, a), repeats)
+
+
+def step_weight_params(params) -> int:
+    """Parameters of the LLM weights one decode step multiplies by (not the embedding table)."""
+    llm = {k: v for k, v in params["llm"].items() if k != "embed_tokens"}
+    return sum(x.size for x in jax.tree_util.tree_leaves(llm) if x.ndim >= 2)
+
+
 def step_weight_bytes(params) -> int:
     """Bytes of the LLM weights one decode step reads (not the embedding table; int4 at 4 bits)."""
     llm = {k: v for k, v in params["llm"].items() if k != "embed_tokens"}
@@ -144,9 +161,11 @@ def weights_main(args) -> None:
     f32 = device_check.model_config(False).replace(dtype="float32", param_dtype="float32")
     base = nvlm_model.init_params(f32, jax.random.key(0))
     bandwidth = read_bandwidth()
+    peak = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
     slots = args.prompt_len + args.new_tokens
     print(f"model: 348M-class NVLM-D ({C.param_count(f32) / 1e6:.0f}M params), one greedy decode step at a "
-          f"{slots}-slot KV cache, best of {args.repeats}; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"{slots}-slot KV cache, best of {args.repeats}; read bandwidth {bandwidth / 1e9:.1f} GB/s; matmul peak "
+          f"f32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; "
           f"jax {jax.__version__} ({jax.devices()[0].platform})")
     step_ms = {}
     for name in ("float32", "bfloat16", "int8", "int4"):
@@ -157,6 +176,8 @@ def weights_main(args) -> None:
             params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n), base)
         weights = step_weight_bytes(params)
         limit = bandwidth / weights  # steps/s if the step only read its weights at the measured bandwidth
+        flops_per_row = 2 * step_weight_params(params)
+        name_peak = peak["bfloat16" if name == "bfloat16" else "float32"]
         for layout in ("stacked", "per_layer"):
             # to_layout frees what it converts: the per-layer run gets a copy (`base` stays whole)
             source = params if layout == "stacked" else jax.tree_util.tree_map(lambda x: x.copy(), params)
@@ -164,8 +185,10 @@ def weights_main(args) -> None:
             for batch in (1, 8):
                 step = step_seconds(lcfg, lparams, batch, slots, args.repeats)
                 ms = step_ms[name, layout, batch] = 1e3 * step
+                roofline = max(1 / limit, batch * flops_per_row / name_peak)  # seconds: bytes or FLOPs bound
                 print(f"{name:8s} {layout:9s} batch {batch}: step {ms:7.1f} ms, {batch / step:7.1f} tok/s, weights "
                       f"{weights / 2**20:6.0f} MiB/step, {1 / step / limit:.2f} of its weight-bandwidth limit, "
+                      f"{roofline / step:.2f} of its roofline ({'compute' if roofline > 1 / limit else 'bandwidth'}), "
                       f"{step_ms['float32', layout, batch] / ms:.2f}x float32's tok/s, "
                       f"{step_ms[name, 'stacked', batch] / ms:.2f}x stacked", flush=True)
             del lparams

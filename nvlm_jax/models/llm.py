@@ -60,6 +60,19 @@ def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.A
     return jax.vmap(row)(buffer, new, index)
 
 
+def write_at_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
+    """`write_at` into layer `layer` of a stacked buffer `[layers, batch, len, ...]`, in place: only
+    `new [batch, s, ...]` is written, never the layer's whole slice."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(stack, new[None], (layer, 0, index) + (0,) * (stack.ndim - 3))
+    # One start per row: a scatter (a vmapped update would transpose the whole stack). Starts are
+    # clamped as dynamic_update_slice clamps them, so both forms write the same places.
+    b, s = new.shape[:2]
+    start = jnp.clip(jnp.asarray(index), 0, stack.shape[2] - s)
+    rows, cols = jnp.arange(b)[:, None], start[:, None] + jnp.arange(s)[None]  # [batch, 1], [batch, s]
+    return stack.at[layer, rows, cols].set(new, mode="promise_in_bounds")
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm decoder layer; the scan carry is the residual stream `[batch, seq, embed]`."""
 
@@ -70,7 +83,9 @@ class DecoderLayer(nn.Module):
     lora: LoraConfig = LoraConfig()
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, mask: MaskSpec, cache_index):
+    def __call__(self, x, layer_cache, cos, sin, mask: MaskSpec, cache_index, layer_index=None):
+        """layer_cache: this layer's k/v `[batch, len, kv_heads, head_dim]`, returned updated; or,
+        with `layer_index`, the whole stacked cache `[layers, ...]`, updated in place at that layer."""
         c = self.cfg
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(eps=c.rms_norm_eps, **dense)
@@ -82,7 +97,12 @@ class DecoderLayer(nn.Module):
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
-        if layer_cache is not None:
+        if layer_cache is not None and layer_index is not None:
+            new_cache = {name: write_at_layer(layer_cache[name], t.astype(layer_cache[name].dtype), layer_index,
+                                              cache_index) for name, t in (("k", k), ("v", v))}
+            k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer_index, keepdims=False).astype(self.dtype)
+                    for name in ("k", "v"))
+        elif layer_cache is not None:
             k_all = write_at(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index)
             v_all = write_at(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index)
             new_cache = {"k": k_all, "v": v_all}
@@ -240,9 +260,30 @@ class LLM(nn.Module):
 
         if self.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
+        if self.xattn_every is None and xattn is not None:
+            raise ValueError("cross-attention inputs given to a decoder without xattn_every")
+        if layer_cache is not None and self.xattn_every is None:
+            # Decoding: the stacked cache rides in the scan's carry and each layer writes only its new
+            # keys/values into it, in place. As scan inputs/outputs, every step rebuilt the whole cache
+            # (a fresh zeroed stack plus copies: ~4 passes over it per step; BUILD_NOTES).
+            def in_carry(carry, xs):
+                x, cache = carry
+                i, params, key = xs
+                rngs = None if key is None else {"dropout": key}
+                return layer.apply({"params": params}, x, cache, cos, sin, mask, cache_index, i, rngs=rngs), None
+
+            if self.per_layer:
+                # Unrolled: a switch inside the scan would copy the whole cache (its operand) per layer.
+                carry = (x, layer_cache)
+                for i, params in enumerate(self.layers):
+                    carry, _ = in_carry(carry, (i, params, None if keys is None else keys[i]))
+                return carry
+            index = jnp.arange(self.cfg.num_layers)
+            (x, cache), _ = jax.lax.scan(in_carry, (x, layer_cache), (index, self.layers, keys))
+            return x, cache
         if self.per_layer:
-            # The scan still walks the stacked cache; each step switches to its layer's function,
-            # which reads that layer's own weight arrays in place (no slice of a stack to copy).
+            # No cache (a plain forward): each scan step switches to its layer's function, which reads
+            # that layer's own weight arrays in place (no slice of a stack to copy).
             branches = [lambda x, lcache, key, p=params: one_layer(x, (p, lcache, key)) for params in self.layers]
 
             def switch_layer(x, xs):
@@ -251,8 +292,6 @@ class LLM(nn.Module):
 
             return jax.lax.scan(switch_layer, x, (jnp.arange(len(self.layers)), layer_cache, keys))
         if self.xattn_every is None:
-            if xattn is not None:
-                raise ValueError("cross-attention inputs given to a decoder without xattn_every")
             return jax.lax.scan(one_layer, x, (self.layers, layer_cache, keys))
         if xattn is None:
             raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
