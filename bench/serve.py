@@ -61,7 +61,10 @@ def build_model(name: str, dtype: str = "float32"):
     from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
 
     tok = load_tokenizer(make_tiny_tokenizer(tempfile.mkdtemp(prefix="serve_bench_tok")))
-    base = C.tiny("D").replace(dtype=dtype, param_dtype=dtype) if name == "tiny" else bench_config(dtype, "none")
+    # Params in the compute dtype, as `load_pretrained(dtype=...)` and the serve CLI hold them.
+    # (bench_config is a training config: float32 params under bf16 compute. Served that way,
+    # every engine step converted every weight, while `generate` hoists that out of its loop.)
+    base = (C.tiny("D") if name == "tiny" else bench_config(dtype, "none")).replace(dtype=dtype, param_dtype=dtype)
     cfg = config_for_tokenizer(base, tok)
     rng = np.random.default_rng(0)
 
