@@ -230,9 +230,9 @@ class NVLMConfig:
     # Weight-only quantized Linear kernels: None, "int8" or "int4" (see nvlm_jax/models/quantize.py).
     quantize: str | None = None
     # How the decoder layers' params are held: "stacked" (`llm/layers`, one `[layers, ...]` tree run
-    # by a scan: checkpoints, training) or "per_layer" (`llm/layer_0` ... : separate arrays, each
-    # layer's function picked by a switch inside the scan; NVLM-D inference on CPU, see
-    # nvlm_jax/models/layer_layout.py, which converts params between them).
+    # by a scan: checkpoints, training) or "per_layer" (`llm/layer_0` ... : separate arrays; decoding
+    # runs them as an unrolled loop, a plain forward as a switch inside the scan; NVLM-D inference
+    # on CPU, see nvlm_jax/models/layer_layout.py, which converts params between them).
     layer_layout: Literal["stacked", "per_layer"] = "stacked"
 
     def __post_init__(self):
