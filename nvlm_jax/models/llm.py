@@ -1,7 +1,8 @@
-"""Qwen2 / Llama-family decoder: RMSNorm pre-norm, GQA with RoPE, SwiGLU, layers under `nn.scan`.
+"""Qwen2 / Llama-family decoder: RMSNorm pre-norm, GQA with RoPE, SwiGLU, layers under `lax.scan`.
 
 The KV cache is a dict of stacked arrays (see `init_cache`) that `LLM.__call__` reads and
-returns updated; generation code owns the loop.
+returns updated (each layer writes its new keys/values into the stack in place; donate the cache
+to keep it in place across calls); generation code owns the loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from nvlm_jax.models.linear import Linear
 from nvlm_jax.models.mlp import MLP
 from nvlm_jax.models.norms import RMSNorm
 from nvlm_jax.models.remat import remat_policy
-from nvlm_jax.models.stacked import group_leading, stacked_init, ungroup_leading
+from nvlm_jax.models.stacked import group_leading, stacked_init
 
 Cache = dict[str, jax.Array]
 
@@ -89,8 +90,8 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask: MaskSpec, cache_index, layer_index=None):
-        """layer_cache: this layer's k/v `[batch, len, kv_heads, head_dim]`, returned updated; or,
-        with `layer_index`, the whole stacked cache `[layers, ...]`, updated in place at that layer."""
+        """layer_cache: None, or the whole stacked k/v cache `[layers, batch, len, kv_heads, head_dim]`
+        with this layer's index `layer_index`; its new keys/values are written there, in place."""
         c = self.cfg
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(eps=c.rms_norm_eps, **dense)
@@ -102,16 +103,11 @@ class DecoderLayer(nn.Module):
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
-        if layer_cache is not None and layer_index is not None:
+        if layer_cache is not None:
             new_cache = {name: write_at_layer(layer_cache[name], t.astype(layer_cache[name].dtype), layer_index,
                                               cache_index) for name, t in (("k", k), ("v", v))}
             k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer_index, keepdims=False).astype(self.dtype)
                     for name in ("k", "v"))
-        elif layer_cache is not None:
-            k_all = write_at(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index)
-            v_all = write_at(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index)
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         o = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.attention_impl)
         o = nn.with_logical_constraint(o, ("activation_batch", "activation_length", "activation_heads", None))
         x = x + Linear(c.hidden_size, ("q_heads", "head_dim", "embed"), in_dims=2, name="o_proj", lora=attn_lora,
@@ -267,16 +263,33 @@ class LLM(nn.Module):
             one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
         if self.xattn_every is None and xattn is not None:
             raise ValueError("cross-attention inputs given to a decoder without xattn_every")
-        if layer_cache is not None and self.xattn_every is None:
-            # Decoding: the stacked cache rides in the scan's carry and each layer writes only its new
-            # keys/values into it, in place. As scan inputs/outputs, every step rebuilt the whole cache
-            # (a fresh zeroed stack plus copies: ~4 passes over it per step; BUILD_NOTES).
-            def in_carry(carry, xs):
-                x, cache = carry
-                i, params, key = xs
-                rngs = None if key is None else {"dropout": key}
-                return layer.apply({"params": params}, x, cache, cos, sin, mask, cache_index, i, rngs=rngs), None
+        if self.xattn_every is not None and xattn is None:
+            raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
 
+        # Decoding: the stacked cache rides in the scans' carry and each layer writes only its new
+        # keys/values into it, in place. As scan inputs/outputs, every step rebuilt the whole cache
+        # (a fresh zeroed stack plus copies: ~4 passes over it per step; BUILD_NOTES).
+        def in_carry(carry, xs):
+            x, cache = carry
+            i, params, key = xs
+            rngs = None if key is None else {"dropout": key}
+            return layer.apply({"params": params}, x, cache, cos, sin, mask, cache_index, i, rngs=rngs), None
+
+        if layer_cache is not None and self.xattn_every is not None:
+            every, groups = self.xattn_every, self.cfg.num_layers // self.xattn_every
+            block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
+
+            def group_in_carry(carry, xs):
+                g, params, gkeys, block_params, k, v = xs
+                layer_xs = (g * every + jnp.arange(every), params, gkeys)
+                (x, cache), _ = jax.lax.scan(in_carry, carry, layer_xs)
+                return (block.apply({"params": block_params}, x, k, v, xattn.mask), cache), None
+
+            (x, cache), _ = jax.lax.scan(group_in_carry, (x, layer_cache), (
+                jnp.arange(groups), group_leading(self.layers, groups),
+                None if keys is None else group_leading(keys, groups), xattn.params, xattn.k, xattn.v))
+            return x, cache
+        if layer_cache is not None:
             if self.per_layer:
                 # Unrolled: a switch inside the scan would copy the whole cache (its operand) per layer.
                 carry = (x, layer_cache)
@@ -286,32 +299,24 @@ class LLM(nn.Module):
             index = jnp.arange(self.cfg.num_layers)
             (x, cache), _ = jax.lax.scan(in_carry, (x, layer_cache), (index, self.layers, keys))
             return x, cache
+        # No cache (training, a plain forward).
         if self.per_layer:
-            # No cache (a plain forward): each scan step switches to its layer's function, which reads
-            # that layer's own weight arrays in place (no slice of a stack to copy).
-            branches = [lambda x, lcache, key, p=params: one_layer(x, (p, lcache, key)) for params in self.layers]
-
-            def switch_layer(x, xs):
-                i, lcache, key = xs
-                return jax.lax.switch(i, branches, x, lcache, key)
-
-            return jax.lax.scan(switch_layer, x, (jnp.arange(len(self.layers)), layer_cache, keys))
+            # Each scan step switches to its layer's function, which reads that layer's own weight
+            # arrays in place (no slice of a stack to copy).
+            branches = [lambda x, key, p=params: one_layer(x, (p, None, key)) for params in self.layers]
+            switch_layer = lambda x, xs: jax.lax.switch(xs[0], branches, x, xs[1])  # noqa: E731
+            return jax.lax.scan(switch_layer, x, (jnp.arange(len(self.layers)), keys))
         if self.xattn_every is None:
-            return jax.lax.scan(one_layer, x, (self.layers, layer_cache, keys))
-        if xattn is None:
-            raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
+            return jax.lax.scan(one_layer, x, (self.layers, None, keys))
         groups = self.cfg.num_layers // self.xattn_every
         block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
 
         def one_group(x, xs):
-            params, gcache, gkeys, block_params, k, v = xs
-            x, new_gcache = jax.lax.scan(one_layer, x, (params, gcache, gkeys))
-            x = block.apply({"params": block_params}, x, k, v, xattn.mask)
-            return x, new_gcache
+            params, gkeys, block_params, k, v = xs
+            x, _ = jax.lax.scan(one_layer, x, (params, None, gkeys))
+            return block.apply({"params": block_params}, x, k, v, xattn.mask), None
 
-        grouped_cache = None if layer_cache is None else group_leading(layer_cache, groups)
-        x, new_cache = jax.lax.scan(
-            one_group, x, (group_leading(self.layers, groups), grouped_cache,
-                           None if keys is None else group_leading(keys, groups), xattn.params, xattn.k, xattn.v)
-        )
-        return x, None if new_cache is None else ungroup_leading(new_cache)
+        x, _ = jax.lax.scan(one_group, x, (group_leading(self.layers, groups),
+                                           None if keys is None else group_leading(keys, groups),
+                                           xattn.params, xattn.k, xattn.v))
+        return x, None

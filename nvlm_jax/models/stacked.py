@@ -29,8 +29,3 @@ def stacked_init(module: nn.Module, count: int, axis_name: str, *args, **kwargs)
 def group_leading(tree, groups: int):
     """Reshapes every leaf `[groups * n, ...]` → `[groups, n, ...]` (None leaves pass)."""
     return jax.tree_util.tree_map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), tree)
-
-
-def ungroup_leading(tree):
-    """Inverse of `group_leading`."""
-    return jax.tree_util.tree_map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)

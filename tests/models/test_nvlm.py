@@ -10,6 +10,7 @@ from nvlm_jax import config as C
 from nvlm_jax.models import nvlm
 from nvlm_jax.sharding import DEFAULT_RULES, make_mesh
 from tests import torch_reference as ref
+from tests.models.cache_hlo import whole_cache_copies
 
 CFG = C.tiny("D")
 CTX = CFG.image_context_token_id
@@ -281,6 +282,13 @@ def test_cached_decode_with_precomputed_image_memory_equals_full_forward(arch):
                                  token_tile=batch["token_tile"][:, t:t + 1], cache=cache, cache_index=t)
         steps.append(out)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=2e-5)
+    # Decoding writes into the cache in place, cross-attention groups included (no whole-cache copy).
+    last = {k: v[:, -1:] for k, v in batch.items() if k in ("input_ids", "token_image", "token_tile")}
+    step = jax.jit(lambda p, c: model.apply({"params": p}, last["input_ids"], image_context=context.memory_only(),
+                                            token_image=last["token_image"], token_tile=last["token_tile"],
+                                            cache=c, cache_index=s - 1), donate_argnums=1)
+    whole = whole_cache_copies(step.lower(params, cache).compile().as_text(), cache["k"].shape)
+    assert not whole, whole[:3]
 
 
 @pytest.mark.parametrize("arch", ["X", "H"])
