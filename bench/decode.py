@@ -17,8 +17,9 @@ weight-bandwidth limit is the bytes one step reads (every LLM weight but the emb
 int4 counted at 4 bits) over the read bandwidth measured in the same run (a sum over 1 GiB).
 Its compute limit is the step's weight FLOPs (2 x batch x those weights' parameters) over the
 peak of one large matmul measured in the same run (f32, or bf16 for bf16 weights; int8/int4 run
-f32 products). The roofline is the larger of the two times; a batch-1 step is bandwidth-bound,
-at batch 8 this CPU is compute-bound, which caps what "of the bandwidth limit" can reach.
+f32 products). The roofline is the larger of the two times: a batch-1 step is bandwidth-bound;
+at batch 8, int8 and int4 are compute-bound on a 2-core CPU, which caps what "of the bandwidth
+limit" they can reach.
 Each format runs with the decoder layers' params stacked (as stored; a scan) and per layer
 (`NVLMConfig.layer_layout`, what `load_pretrained` picks for NVLM-D on CPU).
 """
