@@ -263,8 +263,13 @@ class LLM(nn.Module):
             one_layer = jax.checkpoint(one_layer, policy=remat_policy(self.remat), prevent_cse=False)
         if self.xattn_every is None and xattn is not None:
             raise ValueError("cross-attention inputs given to a decoder without xattn_every")
-        if self.xattn_every is not None and xattn is None:
-            raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
+        if self.xattn_every is not None:
+            if xattn is None:
+                raise ValueError("this decoder interleaves cross-attention blocks: pass `xattn`")
+            every, groups = self.xattn_every, self.cfg.num_layers // self.xattn_every
+            block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
+            group_xs = (group_leading(self.layers, groups), None if keys is None else group_leading(keys, groups),
+                        xattn.params, xattn.k, xattn.v)  # [groups, ...] each
 
         # Decoding: the stacked cache rides in the scans' carry and each layer writes only its new
         # keys/values into it, in place. As scan inputs/outputs, every step rebuilt the whole cache
@@ -276,18 +281,13 @@ class LLM(nn.Module):
             return layer.apply({"params": params}, x, cache, cos, sin, mask, cache_index, i, rngs=rngs), None
 
         if layer_cache is not None and self.xattn_every is not None:
-            every, groups = self.xattn_every, self.cfg.num_layers // self.xattn_every
-            block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
-
             def group_in_carry(carry, xs):
                 g, params, gkeys, block_params, k, v = xs
                 layer_xs = (g * every + jnp.arange(every), params, gkeys)
                 (x, cache), _ = jax.lax.scan(in_carry, carry, layer_xs)
                 return (block.apply({"params": block_params}, x, k, v, xattn.mask), cache), None
 
-            (x, cache), _ = jax.lax.scan(group_in_carry, (x, layer_cache), (
-                jnp.arange(groups), group_leading(self.layers, groups),
-                None if keys is None else group_leading(keys, groups), xattn.params, xattn.k, xattn.v))
+            (x, cache), _ = jax.lax.scan(group_in_carry, (x, layer_cache), (jnp.arange(groups), *group_xs))
             return x, cache
         if layer_cache is not None:
             if self.per_layer:
@@ -308,15 +308,11 @@ class LLM(nn.Module):
             return jax.lax.scan(switch_layer, x, (jnp.arange(len(self.layers)), keys))
         if self.xattn_every is None:
             return jax.lax.scan(one_layer, x, (self.layers, None, keys))
-        groups = self.cfg.num_layers // self.xattn_every
-        block = GatedCrossAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
 
         def one_group(x, xs):
             params, gkeys, block_params, k, v = xs
             x, _ = jax.lax.scan(one_layer, x, (params, None, gkeys))
             return block.apply({"params": block_params}, x, k, v, xattn.mask), None
 
-        x, _ = jax.lax.scan(one_group, x, (group_leading(self.layers, groups),
-                                           None if keys is None else group_leading(keys, groups),
-                                           xattn.params, xattn.k, xattn.v))
+        x, _ = jax.lax.scan(one_group, x, group_xs)
         return x, None
