@@ -1,14 +1,17 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and the repo on sys.path."""
+"""Test setup: the repo on sys.path, then 8 simulated CPU devices compiled at -O0 (`tests/cpu_env.py`),
+set before jax is imported."""
 
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.cpu_env import FAST_COMPILE  # noqa: E402 - why tests compile at -O0
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 

@@ -12,6 +12,7 @@ from PIL import Image
 import nvlm_jax
 from nvlm_jax.processing import encode_prompt, get_special_tokens, tile_image
 from tests import hf_checkpoint as hc
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,7 +196,7 @@ def test_prepare_chat_follows_the_models_prompt_format(tiny_tokenizer):
 
 
 def _cli(args, cwd, **kwargs):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR="off", XLA_FLAGS="")
+    env = cpu_env(NVLM_JAX_CACHE_DIR="off")
     return subprocess.run([sys.executable, "-m", "nvlm_jax.chat", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, **kwargs)
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from tests.cpu_env import cpu_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
@@ -17,7 +19,7 @@ print(path)
 
 
 def _run(cache_dir, salt):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = cpu_env(PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", SCRIPT.format(dir=cache_dir, salt=salt)], env=env,
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()

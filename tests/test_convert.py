@@ -9,6 +9,7 @@ import pytest
 
 from nvlm_jax import convert
 from tests import hf_checkpoint as hc
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +51,7 @@ def test_parse_mesh():
 
 
 def _run_cli(args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = cpu_env()
     return subprocess.run([sys.executable, "-m", "nvlm_jax.convert", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

@@ -32,6 +32,7 @@ from nvlm_jax.checkpoint import hf_folder, hf_import, manifest, plan, writers
 from nvlm_jax.safetensors_io import dtype_tag
 from nvlm_jax.sharding import make_mesh
 from tests import hf_checkpoint as hc
+from tests.cpu_env import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 INDEX = "model.safetensors.index.json"
@@ -54,7 +55,7 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 
 def _run_cli(args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = cpu_env()
     return subprocess.run([sys.executable, "-m", "nvlm_jax.convert", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import device_check
+from tests.cpu_env import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,7 @@ def _numbers(tree, path=""):
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("device_check") / "nested" / "dc.json"
     # One CPU device, as on a fresh machine (the test session simulates 8).
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = cpu_env()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "bench/device_check.py", "--cpu-smoke", "--out", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=400)

@@ -23,6 +23,7 @@ from nvlm_jax.checkpoint import hf_import, manifest, restore, writers
 from nvlm_jax.sharding import make_mesh
 from tests import hf_checkpoint as hc
 from tests import torch_reference as ref
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PIXELS = np.random.default_rng(2).standard_normal((4, 28, 28, 3)).astype(np.float32)
@@ -77,9 +78,8 @@ def run_processes(args: list[str], logdir, timeout_s: int = TIMEOUT_S) -> list[t
     port = _free_port()
     procs = []
     for i in range(PROCESSES):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(i),
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+        env = cpu_env(DEVICES_PER_PROCESS, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                      JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(i))
         out, err = open(logdir / f"p{i}.out", "w+"), open(logdir / f"p{i}.err", "w+")
         procs.append((subprocess.Popen([sys.executable, "-m", "nvlm_jax.convert", *args], cwd=REPO, env=env,
                                        stdout=out, stderr=err, start_new_session=True), out, err))

@@ -19,6 +19,7 @@ from nvlm_jax.models.layer_layout import to_layout
 from nvlm_jax.pretrained import NVLMModel
 from nvlm_jax.processing import load_tokenizer, make_tiny_tokenizer
 from nvlm_jax.train.step import param_shapes
+from tests.cpu_env import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -177,7 +178,7 @@ def test_eval_and_report_command_lines(tiny, tmp_path):
     records = [{"id": i, "image": "a.png", "question": f"Question {i}?", "answers": ["red"] * 10} for i in range(3)]
     (data / "textvqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR="off", XLA_FLAGS="")
+    env = cpu_env(NVLM_JAX_CACHE_DIR="off")
     cmd = [sys.executable, "-m", "nvlm_jax.eval", f"--checkpoint={ckpt}", "--task=textvqa",
            f"--data={data / 'textvqa.jsonl'}", f"--out_dir={out}", "--batch_size=2", "--max_new_tokens=3",
            "--model_name=tiny", "--dtype=float32", "--noprogress"]
@@ -208,7 +209,7 @@ def _tokenizer_dir(model, tmp_path):
 def test_eval_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     from tests import hf_checkpoint
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR="off", XLA_FLAGS="")
+    env = cpu_env(NVLM_JAX_CACHE_DIR="off")
     cmd = [sys.executable, "-m", "nvlm_jax.eval", *[a.format(ckpt=hf_checkpoint.tiny_converted()) for a in args]]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from tests.cpu_env import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOK = os.path.join(REPO, "experiments", "colab_quickstart.ipynb")
 
@@ -23,8 +25,8 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND")}
-    env.update(JAX_PLATFORMS="cpu", NVLM_QUICKSTART_STEPS="10", NVLM_JAX_REPO=REPO, NVLM_CHECKPOINT="",
+    env = cpu_env(drop=("MPLBACKEND",))
+    env.update(NVLM_QUICKSTART_STEPS="10", NVLM_JAX_REPO=REPO, NVLM_CHECKPOINT="",
                PYTHONPATH=REPO, NVLM_JAX_CACHE_DIR="off")
     # "python3" is ipykernel's native kernel spec: the interpreter running this test (the venv's).
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,

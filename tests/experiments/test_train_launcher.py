@@ -2,7 +2,6 @@
 saving resumes from its last complete checkpoint with exactly the same loss curve (also with LoRA
 adapters and adapter dropout)."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nvlm_jax.train import metrics
+from tests.cpu_env import cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "experiments" / "train.py"
@@ -29,9 +29,7 @@ OVERRIDES = [
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, like a plain run
-    return env
+    return cpu_env()  # one CPU device, like a plain run
 
 
 # LoRA on the LLM and the ViT (their bases frozen), dropout keyed by the step; the projector trains fully.

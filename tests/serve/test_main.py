@@ -1,7 +1,6 @@
 """`python -m nvlm_jax.serve`: flag mistakes are one line and exit 2; a real server process
 answers the `openai` client and stops on SIGTERM."""
 
-import os
 import subprocess
 import sys
 import time
@@ -10,11 +9,12 @@ import openai
 import pytest
 
 from tests import hf_checkpoint as hc
+from tests.cpu_env import cpu_env
 from tests.serve.server import free_port, http
 
 
 def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", NVLM_JAX_CACHE_DIR="off", XLA_FLAGS="")
+    return cpu_env(NVLM_JAX_CACHE_DIR="off")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,6 +18,7 @@ import pytest
 
 from nvlm_jax.data import pipeline
 from nvlm_jax.train import checkpoint, launch, metrics, multihost
+from tests.cpu_env import cpu_env
 from tests.train.test_launch import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,9 +48,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return env
+    return cpu_env(devices, drop=tuple(k for k in os.environ if k.startswith("JAX_")), **extra)
 
 
 def _launch(argvs: list[list[str]], envs: list[dict], logs: list[Path], what: str) -> list[str]:
