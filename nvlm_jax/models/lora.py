@@ -132,8 +132,12 @@ def merge(params: Any, cfg: NVLMConfig) -> tuple[Any, NVLMConfig]:
 
 
 def save_adapters(directory, params: Any, cfg: NVLMConfig) -> None:
-    """Writes the adapters of `params` (Orbax, atomic: a folder appears only when complete) and
-    the LoRA config (`lora_config.json`) to `directory` (must not exist)."""
+    """Writes the adapters of `params` (Orbax) and the LoRA config (`lora_config.json`) to
+    `directory` (must not exist). Atomic on a local disk: both are written into a hidden sibling
+    folder that is renamed to `directory` when complete, so a crash leaves no half-saved adapters
+    under the name (a leftover `.<name>.partial-*` folder is safe to delete)."""
+    import os
+
     import orbax.checkpoint as ocp
 
     from nvlm_jax.checkpoint.paths import orbax_dir
@@ -144,10 +148,12 @@ def save_adapters(directory, params: Any, cfg: NVLMConfig) -> None:
     path = orbax_dir(directory)
     if path.exists():
         raise ValueError(f"save_adapters: {path} already exists")
+    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, tree)
+        ckptr.save(partial, tree, force=True)
         ckptr.wait_until_finished()
-    (path / CONFIG_FILE).write_text(json.dumps(_lora_dict(cfg.lora)))
+    (partial / CONFIG_FILE).write_text(json.dumps(_lora_dict(cfg.lora)))
+    partial.rename(path)
 
 
 def _lora_dict(lora: LoraConfig) -> dict[str, Any]:

@@ -158,3 +158,18 @@ def test_adapters_save_and_restore_on_their_own(tmp_path):
     other = cfg.replace(lora=C.LoraConfig(rank=8, targets=("llm",)))
     with pytest.raises(ValueError, match="saved with"):
         lora.restore_adapters(tmp_path / "adapters", other)
+
+
+def test_an_adapter_save_that_fails_midway_leaves_nothing_under_its_name(tmp_path, monkeypatch):
+    _, cfg, _, params = _adapted("D")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora, "_lora_dict", crash)  # the config write, after the Orbax save
+    with pytest.raises(OSError, match="disk full"):
+        lora.save_adapters(tmp_path / "adapters", params, cfg)
+    assert not (tmp_path / "adapters").exists()
+    monkeypatch.undo()
+    lora.save_adapters(tmp_path / "adapters", params, cfg)  # a retry under the same name succeeds
+    assert lora.read_adapter_config(tmp_path / "adapters") == cfg.lora
