@@ -22,7 +22,8 @@ top-k, top-p, seed, repetition/frequency/presence penalties) are per-slot runtim
 (`ImageFeatureCache`, keyed by content hash; the ViT runs per tile-count bucket) and the prefill
 builds the prompt's image context from the cached projected tokens in a fixed number of tile
 slots (`max_images · (max_tiles + 1)` rounded up to a power of two; unused slots are invalid);
-for NVLM-X/H each slot's cross-attention memory stays on the device for its decode steps.
+for NVLM-X/H each slot's cross-attention memory stays on the device for its decode steps. On a
+mesh, the cache and that memory are split by kv head over the tensor axis (`STATE_AXES`).
 
 Requests are served by a background thread (`start`); results arrive as events on the
 request's `Handle` (`Delta` text pieces, then one `Finished` or `Failed`).
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import linen as nn
 from flax import struct
 
 from nvlm_jax.config import NVLMConfig
@@ -53,6 +55,25 @@ from nvlm_jax.serve.image_cache import ImageFeatureCache
 from nvlm_jax.serve.protocol import Delta, EngineRequest, Event, Failed, Finished, Handle, RequestSampling
 
 MIN_PROMPT_BUCKET = 64
+
+# The engine's device state keeps one layout across every program: the KV cache and the X/H
+# cross-attention memory `[layers | groups, slots, len, kv_heads, head_dim]` split by kv head over
+# the mesh's tensor axis (a tensor-parallel server holds 1/tensor of them per device, as it does
+# the attention weights), everything else (`[slots, ...]`) whole on every device. Left to XLA,
+# the first program's output came back in another layout than the state went in, so each
+# program compiled twice and warm-up covered neither.
+_KV_AXES = (None, None, None, "activation_kv_heads", None)
+STATE_AXES = dict(k=_KV_AXES, v=_KV_AXES, memory_k=_KV_AXES, memory_v=_KV_AXES)
+
+
+def _laid_out(state: dict) -> dict:
+    """`state` constrained to `STATE_AXES` (under the model's mesh and rules; else as it is)."""
+    def one(name, x):
+        return nn.with_logical_constraint(x, STATE_AXES.get(name, (None,) * x.ndim))
+
+    out = {name: one(name, x) for name, x in state.items() if name != "cache"}
+    out["cache"] = {name: one(name, x) for name, x in state["cache"].items()}
+    return out
 
 
 @struct.dataclass
@@ -128,7 +149,7 @@ def _prefill(params, state, slots, ids, length, features, tile_valid, tile_image
             for name in ("memory_image", "memory_tile"):
                 new[name] = _put(new[name], row(getattr(context, name), i, 0), slot, 0)
             new["new_image"] = new["new_image"].at[slot].set(jnp.max(token_image[i]))
-    return token, new
+    return token, _laid_out(new)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "view"), donate_argnames=("state",))
@@ -157,7 +178,7 @@ def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg:
     counts = part["counts"].at[jnp.arange(b), new].add(active.astype(jnp.int32))
     out = dict(state, counts=jax.lax.dynamic_update_slice(state["counts"], counts, (0, 0)))
     out["cache"] = {name: jax.lax.dynamic_update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
-    return new, out
+    return new, _laid_out(out)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -316,6 +337,11 @@ class Engine:
     # ---- device state ----
 
     def _initial_state(self) -> dict:
+        """Empty slots, built on the devices in their `STATE_AXES` layout (run under the
+        model's mesh context)."""
+        return jax.jit(lambda: _laid_out(self._empty_state()))()
+
+    def _empty_state(self) -> dict:
         cfg, b = self.cfg, self.max_batch
         vocab = cfg.llm.vocab_size
         state = dict(cache=init_cache(cfg.llm, b, self.max_len, jnp.dtype(cfg.dtype)),

@@ -16,6 +16,7 @@ from nvlm_jax.processing import get_special_tokens, load_tokenizer, make_tiny_to
 from nvlm_jax.serve.engine import Engine
 from nvlm_jax.serve.image_cache import content_key
 from nvlm_jax.serve.protocol import Delta, EngineRequest, Finished, ImageInput, RequestSampling
+from nvlm_jax.sharding import make_mesh, tree_shardings
 from tests.serve.server import data_url, image, image_part, serving
 
 STEPS = 8
@@ -26,9 +27,10 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-def _xh_model(arch, tokenizer):
+def _random_model(arch, tokenizer, mesh=None):
     """A random tiny model, drawn on the host (compiling `init_params` costs ~15 s on CPU): norm
-    scales 1, other weights N(0, 0.2), cross-attention gates 0.5 (so the images matter)."""
+    scales 1, other weights N(0, 0.2), cross-attention gates 0.5 (so the images matter); placed
+    on `mesh` by the logical-axis rules when given."""
     cfg = config_for_tokenizer(config.tiny(arch), tokenizer)
     rng = np.random.default_rng(1)
 
@@ -40,8 +42,11 @@ def _xh_model(arch, tokenizer):
             return np.ones(leaf.shape, leaf.dtype)
         return rng.normal(0, 0.2, leaf.shape).astype(leaf.dtype)
 
-    params = jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(nvlm_model.abstract_params(cfg)))
-    return nvlm_jax.NVLMModel(cfg, jax.device_put(params), tokenizer)
+    abstract = nvlm_model.abstract_params(cfg)
+    params = jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract))
+    if mesh is None:
+        return nvlm_jax.NVLMModel(cfg, jax.device_put(params), tokenizer)
+    return nvlm_jax.NVLMModel(cfg, jax.device_put(params, tree_shardings(abstract, mesh)), tokenizer, mesh=mesh)
 
 
 def _requests(model, prompts):
@@ -66,7 +71,7 @@ def _requests(model, prompts):
 
 @pytest.mark.parametrize("arch", ["X", "H"])  # D: tests/serve/test_app.py
 def test_requests_joining_busy_slots_answer_as_generate_alone(arch, tokenizer):
-    model = _xh_model(arch, tokenizer)
+    model = _random_model(arch, tokenizer)
     a, b = image(60, 30, seed=1), image(60, 30, seed=2)
     cases = _requests(model, [([a, b], "Compare them."), (None, "Hello there."), (a, "What is it?")])
     engine = Engine(model, max_batch=2, max_len=256, max_images=2).start()
@@ -106,7 +111,7 @@ def test_request_sampling_checks_its_ranges():
 
 @pytest.mark.parametrize("arch", ["D", "H"])
 def test_requests_arriving_together_prefill_together_and_answer_as_generate(arch, tokenizer):
-    model = _xh_model(arch, tokenizer)
+    model = _random_model(arch, tokenizer)
     a, b = image(60, 30, seed=1), image(40, 40, seed=3)
     prompts = [(a, "What is it?"), (None, "Hello there."), (b, "And this one?"), ([a, b], "Compare them.")]
     cases = _requests(model, prompts)
@@ -128,7 +133,7 @@ def test_requests_arriving_together_prefill_together_and_answer_as_generate(arch
 def test_warmup_compiles_what_the_first_requests_need_and_leaves_a_clean_state(tokenizer):
     from nvlm_jax.serve import engine as engine_lib
 
-    model = _xh_model("X", tokenizer)
+    model = _random_model("X", tokenizer)
     cases = _requests(model, [(None, "Hello there."), (None, "Hi.")])
     engine = Engine(model, max_batch=3, max_len=128, max_images=1)
     fresh = jax.tree_util.tree_map(np.asarray, engine._state)
@@ -144,3 +149,36 @@ def test_warmup_compiles_what_the_first_requests_need_and_leaves_a_clean_state(t
         engine.stop()
     assert engine.metrics()["prefill_calls"] == 1
     assert (engine_lib._prefill._cache_size(), engine_lib._decode._cache_size()) == compiled  # nothing new
+
+
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_a_tensor_parallel_engine_splits_its_cache_by_kv_head_and_compiles_each_program_once(arch, tokenizer):
+    from nvlm_jax.serve import engine as engine_lib
+
+    mesh = make_mesh(1, -1, 2)  # fsdp 4 x tensor 2 over the 8 simulated devices
+    model = _random_model(arch, tokenizer, mesh)
+    # Three text prompts (the warmed-up bucket) for two slots: the third joins when one leaves.
+    cases = _requests(model, [(None, "Hello there."), (None, "Hi."), (None, "What is it?")])
+    engine = Engine(model, max_batch=2, max_len=128, max_images=1)
+    kv = jax.sharding.PartitionSpec(None, None, None, "tensor")
+    split = ("k", "v") + (("memory_k", "memory_v") if arch == "X" else ())
+
+    def check_layout():
+        for name in split:
+            x = engine._state["cache"][name] if name in ("k", "v") else engine._state[name]
+            assert x.sharding.spec == kv, (name, x.sharding)
+            assert x.addressable_shards[0].data.shape[3] == x.shape[3] // 2, name  # half the kv heads each
+        assert engine._state["counts"].sharding.is_fully_replicated
+
+    check_layout()
+    engine.warmup()
+    compiled = engine_lib._prefill._cache_size(), engine_lib._decode._cache_size()
+    engine.start()
+    try:
+        handles = [engine.submit(request) for request, _ in cases]
+        for handle, (_, want) in zip(handles, cases, strict=True):
+            np.testing.assert_array_equal(list(handle)[-1].token_ids, want)
+    finally:
+        engine.stop()
+    check_layout()  # the programs hand the state back as it came in: nothing compiled twice
+    assert (engine_lib._prefill._cache_size(), engine_lib._decode._cache_size()) == compiled
