@@ -61,11 +61,35 @@ def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.A
     return jax.vmap(row)(buffer, new, index)
 
 
+def as_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array's raw bits (uint16; other dtypes as they are). XLA:CPU runs a bf16
+    dynamic-update-slice or slice of a buffer through an f32 copy of the whole buffer (measured:
+    the serve engine's bf16 step converted its whole KV cache four times); on the bits the update
+    is done in place."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 and jnp.issubdtype(
+        x.dtype, jnp.floating) else x
+
+
+def from_bits(bits: jax.Array, dtype) -> jax.Array:
+    """Inverse of `as_bits` for an array of `dtype`."""
+    return bits if bits.dtype == dtype else jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def update_slice(buffer: jax.Array, update: jax.Array, start) -> jax.Array:
+    """`jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), start)`, in place for
+    16-bit floats too (`as_bits`)."""
+    bits = jax.lax.dynamic_update_slice(as_bits(buffer), as_bits(update.astype(buffer.dtype)), start)
+    return from_bits(bits, buffer.dtype)
+
+
 def write_at_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array | int) -> jax.Array:
     """`write_at` into layer `layer` of a stacked buffer `[layers, batch, len, ...]`, in place: only
     `new [batch, s, ...]` is written, never the layer's whole slice."""
+    dtype = stack.dtype
+    stack, new = as_bits(stack), as_bits(new.astype(dtype))
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(stack, new[None], (layer, 0, index) + (0,) * (stack.ndim - 3))
+        return from_bits(jax.lax.dynamic_update_slice(stack, new[None], (layer, 0, index) + (0,) * (stack.ndim - 3)),
+                         dtype)
     # One start per row: a loop of one-row updates, each in place. A vmapped update transposed the
     # whole stack; on a bf16 stack XLA:CPU ran a scatter, or several updates fused together,
     # through an f32 copy of the whole stack (the bf16 server's token rate fell 5x; measured).
@@ -76,7 +100,7 @@ def write_at_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, ind
         row = jax.lax.dynamic_index_in_dim(new, r, keepdims=True)[None]  # [1, 1, s, ...]
         return jax.lax.dynamic_update_slice(stack, row, (layer, r, index[r]) + zeros)
 
-    return jax.lax.fori_loop(0, new.shape[0], one_row, stack)
+    return from_bits(jax.lax.fori_loop(0, new.shape[0], one_row, stack), dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -273,12 +297,22 @@ class LLM(nn.Module):
 
         # Decoding: the stacked cache rides in the scans' carry and each layer writes only its new
         # keys/values into it, in place. As scan inputs/outputs, every step rebuilt the whole cache
-        # (a fresh zeroed stack plus copies: ~4 passes over it per step; BUILD_NOTES).
+        # (a fresh zeroed stack plus copies: ~4 passes over it per step; BUILD_NOTES). It is carried
+        # as raw bits (`as_bits`): a loop carrying a bf16 cache copied it whole to update its bits.
+        dtypes = {} if layer_cache is None else {name: c.dtype for name, c in layer_cache.items()}
+
+        def bits(cache):
+            return {name: as_bits(c) for name, c in cache.items()}
+
+        def unbits(cache):
+            return {name: from_bits(c, dtypes[name]) for name, c in cache.items()}
+
         def in_carry(carry, xs):
             x, cache = carry
             i, params, key = xs
             rngs = None if key is None else {"dropout": key}
-            return layer.apply({"params": params}, x, cache, cos, sin, mask, cache_index, i, rngs=rngs), None
+            x, cache = layer.apply({"params": params}, x, unbits(cache), cos, sin, mask, cache_index, i, rngs=rngs)
+            return (x, bits(cache)), None
 
         if layer_cache is not None and self.xattn_every is not None:
             def group_in_carry(carry, xs):
@@ -287,18 +321,18 @@ class LLM(nn.Module):
                 (x, cache), _ = jax.lax.scan(in_carry, carry, layer_xs)
                 return (block.apply({"params": block_params}, x, k, v, xattn.mask), cache), None
 
-            (x, cache), _ = jax.lax.scan(group_in_carry, (x, layer_cache), (jnp.arange(groups), *group_xs))
-            return x, cache
+            (x, cache), _ = jax.lax.scan(group_in_carry, (x, bits(layer_cache)), (jnp.arange(groups), *group_xs))
+            return x, unbits(cache)
         if layer_cache is not None:
             if self.per_layer:
                 # Unrolled: a switch inside the scan would copy the whole cache (its operand) per layer.
-                carry = (x, layer_cache)
+                carry = (x, bits(layer_cache))
                 for i, params in enumerate(self.layers):
                     carry, _ = in_carry(carry, (i, params, None if keys is None else keys[i]))
-                return carry
+                return carry[0], unbits(carry[1])
             index = jnp.arange(self.cfg.num_layers)
-            (x, cache), _ = jax.lax.scan(in_carry, (x, layer_cache), (index, self.layers, keys))
-            return x, cache
+            (x, cache), _ = jax.lax.scan(in_carry, (x, bits(layer_cache)), (index, self.layers, keys))
+            return x, unbits(cache)
         # No cache (training, a plain forward).
         if self.per_layer:
             # Each scan step switches to its layer's function, which reads that layer's own weight

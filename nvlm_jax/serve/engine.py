@@ -48,7 +48,7 @@ from flax import struct
 
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.generate import decode_step, mesh_context, prefill_step, step_images, tile_bucket
-from nvlm_jax.models.llm import init_cache
+from nvlm_jax.models.llm import as_bits, from_bits, init_cache, update_slice
 from nvlm_jax.models.nvlm import NVLM, ImageContext, check_image_token_count, thumbnail_slots
 from nvlm_jax.sampling import apply_penalties, sample_logits
 from nvlm_jax.serve.image_cache import ImageFeatureCache
@@ -99,10 +99,10 @@ def _choose(logits, counts, seen, rows: RowSampling):
 
 
 def _put(buffer, row, slot, axis: int):
-    """`buffer` with `row` (size 1 on `axis`) written at index `slot` of that axis."""
+    """`buffer` with `row` (size 1 on `axis`) written at index `slot` of that axis, in place."""
     start = [0] * buffer.ndim
     start[axis] = slot
-    return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), start)
+    return update_slice(buffer, row, start)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
@@ -167,7 +167,9 @@ def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg:
     part = {name: jax.lax.slice_in_dim(x, 0, b, axis=batch_axis.get(name, 0))
             for name, x in state.items() if name != "cache"}
     full = state["cache"]
-    cache = {name: x[:, :b, :view] if name in ("k", "v") else x[:b, :view] for name, x in full.items()}
+    # The window on the raw bits (`as_bits`): a bf16 slice went through an f32 copy of the cache.
+    cache = {name: from_bits(as_bits(x)[:, :b, :view] if name in ("k", "v") else x[:b, :view], x.dtype)
+             for name, x in full.items()}
     context = None
     if cfg.arch in ("X", "H"):
         context = ImageContext(memory_k=part["memory_k"], memory_v=part["memory_v"],
@@ -177,7 +179,7 @@ def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg:
     new = _choose(logits, part["counts"], part["seen"], rows)
     counts = part["counts"].at[jnp.arange(b), new].add(active.astype(jnp.int32))
     out = dict(state, counts=jax.lax.dynamic_update_slice(state["counts"], counts, (0, 0)))
-    out["cache"] = {name: jax.lax.dynamic_update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
+    out["cache"] = {name: update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
     return new, _laid_out(out)
 
 

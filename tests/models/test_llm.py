@@ -105,12 +105,14 @@ def test_scan_stacks_layers_on_axis_zero():
 
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("row_index", [False, True])
-def test_decode_writes_the_cache_in_place(per_layer, row_index):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_writes_the_cache_in_place(per_layer, row_index, dtype):
     # Each layer writes only its new keys/values into the stacked cache. Before, the layer scan
-    # built the next cache as a fresh zeroed stack plus whole copies (~4 passes over it per step).
+    # built the next cache as a fresh zeroed stack plus whole copies (~4 passes over it per step);
+    # a bf16 cache was updated through an f32 copy of it.
     model = LLM(QWEN2, per_layer=per_layer)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    cache = init_cache(QWEN2, batch=2, max_len=16, dtype=jnp.float32)
+    cache = init_cache(QWEN2, batch=2, max_len=16, dtype=jnp.dtype(dtype))
     index = jnp.array([5, 9]) if row_index else 7
 
     @functools.partial(jax.jit, donate_argnums=2)  # donated, as generate and the serve engine do
@@ -118,10 +120,10 @@ def test_decode_writes_the_cache_in_place(per_layer, row_index):
         return model.apply({"params": params}, tok, cache=cache, cache_index=index)
 
     hlo = step.lower(params, jnp.ones((2, 1), jnp.int32), cache).compile().as_text()
-    whole = whole_cache_copies(hlo, cache["k"].shape)
+    whole = whole_cache_copies(hlo, cache["k"].shape, dtype)
     assert not whole, whole[:3]
     # ...and what it writes is right: the new token's k/v at its index, the rest untouched.
-    cache = jax.tree.map(lambda a: a + 1 if a.dtype == jnp.float32 else a, cache)
+    cache = jax.tree.map(lambda a: a + 1 if jnp.issubdtype(a.dtype, jnp.floating) else a, cache)
     before = jax.tree.map(np.asarray, cache)
     _, new = step(params, jnp.ones((2, 1), jnp.int32), cache)
     for name in ("k", "v"):
