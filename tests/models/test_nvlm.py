@@ -289,6 +289,9 @@ def test_cached_decode_with_precomputed_image_memory_equals_full_forward(arch):
                                             cache=c, cache_index=s - 1), donate_argnums=1)
     whole = whole_cache_copies(step.lower(params, cache).compile().as_text(), cache["k"].shape)
     assert not whole, whole[:3]
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, cache)  # as bits, too
+    whole = whole_cache_copies(step.lower(params, bf16).compile().as_text(), cache["k"].shape, "bfloat16")
+    assert not whole, whole[:3]
 
 
 @pytest.mark.parametrize("arch", ["X", "H"])
