@@ -2,6 +2,7 @@
 does (NVLM-X and H here, D in test_app.py), and X/H through the real `openai` client."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -27,11 +28,11 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(make_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-def _random_model(arch, tokenizer, mesh=None):
+def _random_model(arch, tokenizer, mesh=None, dtype="float32"):
     """A random tiny model, drawn on the host (compiling `init_params` costs ~15 s on CPU): norm
     scales 1, other weights N(0, 0.2), cross-attention gates 0.5 (so the images matter); placed
-    on `mesh` by the logical-axis rules when given."""
-    cfg = config_for_tokenizer(config.tiny(arch), tokenizer)
+    on `mesh` by the logical-axis rules when given; params and compute in `dtype`."""
+    cfg = config_for_tokenizer(config.tiny(arch), tokenizer).replace(dtype=dtype, param_dtype=dtype)
     rng = np.random.default_rng(1)
 
     def draw(path, leaf):
@@ -149,6 +150,21 @@ def test_warmup_compiles_what_the_first_requests_need_and_leaves_a_clean_state(t
         engine.stop()
     assert engine.metrics()["prefill_calls"] == 1
     assert (engine_lib._prefill._cache_size(), engine_lib._decode._cache_size()) == compiled  # nothing new
+
+
+def test_a_bfloat16_engine_answers_as_bfloat16_generate(tokenizer):
+    # A bf16 cache's slot rows, windows and per-row writes go through their raw bits
+    # (`models/llm.py` as_bits): the same values as `generate`'s, which writes one start for all.
+    model = _random_model("D", tokenizer, dtype="bfloat16")
+    cases = _requests(model, [(None, "Hello there."), (image(60, 30, seed=1), "What is it?"), (None, "Hi.")])
+    engine = Engine(model, max_batch=2, max_len=256, max_images=1).start()
+    try:
+        handles = [engine.submit(request) for request, _ in cases]  # two slots: the third joins later
+        for handle, (_, want) in zip(handles, cases, strict=True):
+            np.testing.assert_array_equal(list(handle)[-1].token_ids, want)
+    finally:
+        engine.stop()
+    assert engine._state["cache"]["k"].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("arch", ["D", "X"])
