@@ -11,6 +11,9 @@ compute in `--dtype`. XLA's own FLOP count of each compiled step is printed too.
 
     python bench/lora_step.py [--rank 16] [--targets llm,projector] [--batch 8] [--seq 512] [--rounds 5]
         [--layer_layout stacked|per_layer]
+
+`NVLM_JAX_HOST_MALLOC=keep` measures with freed host memory kept for reuse
+(`nvlm_jax.host_memory`); the default is glibc's own behaviour.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flax import linen as nn  # noqa: E402
 
 from bench.train_step import bench_config, build_step  # noqa: E402
 from nvlm_jax import config as C  # noqa: E402
+from nvlm_jax import host_memory  # noqa: E402
 from nvlm_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
 from nvlm_jax.train import freeze  # noqa: E402
 
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--layer_layout", default="stacked", choices=("stacked", "per_layer"),
                         help="the decoder layers' params: stacked (a scan, as training runs) or per layer")
     args = parser.parse_args()
+    kept = host_memory.keep_freed_memory()  # if $NVLM_JAX_HOST_MALLOC=keep, as experiments/train.py
 
     base = bench_config(args.dtype, "none").replace(layer_layout=args.layer_layout)
     lora = C.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
@@ -85,7 +90,7 @@ def main() -> None:
     full, lora_run, floor = list(runs)
     print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.processor() or platform.machine()}  "
           f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}  "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f}  host malloc {'keep' if kept else 'system'}")
     print(f"model: {info[full]['params'] / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens + 1 tile "
           f"per row, compute {args.dtype}, stage sft, {args.layer_layout} decoder layers")
     print("run | trainable params | optimizer state | XLA GFLOP | compile s | step median (min-max) ms")

@@ -6,6 +6,9 @@ best FLOP/s of a large bf16×bf16→f32 matmul (`jnp.dot(..., preferred_element_
 op the model's linear layers use.
 
     python bench/train_step.py [--batch 8] [--seq 512] [--steps 5] [--stage sft] [--dtype bfloat16]
+
+`NVLM_JAX_HOST_MALLOC=keep` measures with freed host memory kept for reuse
+(`nvlm_jax.host_memory`); the default is glibc's own behaviour.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from nvlm_jax import config as C  # noqa: E402
+from nvlm_jax import host_memory  # noqa: E402
 from nvlm_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
 from nvlm_jax.train import flops as flops_lib  # noqa: E402
 from nvlm_jax.train import freeze, metrics, optim  # noqa: E402
@@ -107,6 +111,7 @@ def main() -> None:
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"))
     parser.add_argument("--peak_size", type=int, default=4096)
     args = parser.parse_args()
+    kept = host_memory.keep_freed_memory()  # if $NVLM_JAX_HOST_MALLOC=keep, as experiments/train.py
 
     cfg = bench_config(args.dtype, args.remat)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -122,7 +127,8 @@ def main() -> None:
     n_params = C.param_count(cfg)
     n_trained = freeze.count_params(freeze.partition(shapes, mask)[0])
     print(f"date {datetime.date.today()}  {platform.processor() or platform.machine()}  "
-          f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}")
+          f"cpus {os.cpu_count()}  jax {jax.__version__}  backend {jax.default_backend()}  "
+          f"host malloc {'keep' if kept else 'system'}")
     print(f"model: {n_params / 1e6:.1f}M params ({n_trained / 1e6:.1f}M trained, stage {args.stage}), "
           f"dtype {args.dtype} (f32 master weights), remat {args.remat}")
     print(f"batch: {args.batch} x {args.seq} tokens, {args.tiles} tile(s) of {cfg.vision.image_size} px per row; "

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
 
 import finetune  # noqa: E402
 
+from nvlm_jax import host_memory  # noqa: E402
 from nvlm_jax.data import synthetic  # noqa: E402
 from nvlm_jax.models import lora  # noqa: E402
 from nvlm_jax.train import launch  # noqa: E402
@@ -180,6 +181,7 @@ def run(init: str, workdir: str, steps: int, rank: int, train_size: int, eval_si
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.keep_freed_memory()  # if $NVLM_JAX_HOST_MALLOC=keep; before the backend starts
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("nvlm_jax").setLevel(logging.INFO)

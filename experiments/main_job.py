@@ -24,6 +24,7 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from nvlm_jax import host_memory  # noqa: E402
 from nvlm_jax.data import synthetic  # noqa: E402
 from nvlm_jax.train import launch  # noqa: E402
 
@@ -37,6 +38,7 @@ _INDEX = flags.DEFINE_integer("question_index", 0, "Index of that image within t
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.keep_freed_memory()  # if $NVLM_JAX_HOST_MALLOC=keep; before the backend starts
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("nvlm_jax").setLevel(logging.INFO)

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nvlm_jax import cli, distributed  # noqa: E402
+from nvlm_jax import cli, distributed, host_memory  # noqa: E402
 from nvlm_jax.train import launch  # noqa: E402
 
 distributed.define_flags()
@@ -51,6 +51,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_logging()  # Orbax logs every save at INFO, and warns about its own layout
+    host_memory.keep_freed_memory()  # if $NVLM_JAX_HOST_MALLOC=keep; before the backend starts
     logging.getLogger("nvlm_jax").setLevel(logging.INFO)
     distributed.initialize(distributed.from_flags())  # before anything touches a JAX backend
     result = launch.train(_CONFIG.value, _WORKDIR.value, console=not _QUIET.value)
