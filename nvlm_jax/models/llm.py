@@ -42,8 +42,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
     """An empty KV cache: k/v `[layers, batch, max_len, kv_heads, head_dim]`, plus the segment
-    ids (0 = empty slot) and positions of what each slot holds, `[batch, max_len]`."""
+    ids (0 = empty slot) and positions of what each slot holds, `[batch, max_len]`.
+
+    A 16-bit float `dtype` is stored as its raw bits (`as_bits`: uint16; the decoder reads them
+    as its compute dtype, which must then be that dtype). Why: XLA:CPU updates a bf16 buffer
+    through an f32 copy of it, and converting a bf16 cache to bits on the way into a program
+    (and back on the way out) is a pass over the whole cache each time, every decode step."""
     kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.dtype(jnp.uint16)
     return {
         "k": jnp.zeros(kv_shape, dtype),
         "v": jnp.zeros(kv_shape, dtype),
@@ -128,10 +136,22 @@ class DecoderLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if layer_cache is not None:
-            new_cache = {name: write_at_layer(layer_cache[name], t.astype(layer_cache[name].dtype), layer_index,
-                                              cache_index) for name, t in (("k", k), ("v", v))}
-            k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer_index, keepdims=False).astype(self.dtype)
-                    for name in ("k", "v"))
+            stored = layer_cache["k"].dtype
+            if stored == jnp.uint16 and jnp.dtype(self.dtype).itemsize != 2:
+                raise ValueError(f"a cache of raw 16-bit float bits (uint16) needs a 16-bit compute dtype, "
+                                 f"not {jnp.dtype(self.dtype).name}")
+
+            def store(t):  # new keys/values as the cache holds them
+                return as_bits(t.astype(self.dtype)) if stored == jnp.uint16 else t.astype(stored)
+
+            new_cache = {name: write_at_layer(layer_cache[name], store(t), layer_index, cache_index)
+                         for name, t in (("k", k), ("v", v))}
+            # Attention reads this layer's first `batch` rows and `kv_len` columns (the mask's
+            # length), straight out of the whole stack: a serving engine's cache is longer and
+            # wider than the running requests need.
+            size = (1, x.shape[0], mask.kv_segment_ids.shape[-1]) + new_cache["k"].shape[3:]
+            k, v = (jax.lax.dynamic_slice(new_cache[name], (layer_index, 0, 0, 0, 0), size)[0] for name in ("k", "v"))
+            k, v = ((from_bits(t, self.dtype) if stored == jnp.uint16 else t).astype(self.dtype) for t in (k, v))
         o = attention(q, k, v, mask, scale=c.head_dim**-0.5, implementation=self.attention_impl)
         o = nn.with_logical_constraint(o, ("activation_batch", "activation_length", "activation_heads", None))
         x = x + Linear(c.hidden_size, ("q_heads", "head_dim", "embed"), in_dims=2, name="o_proj", lora=attn_lora,
@@ -238,7 +258,10 @@ class LLM(nn.Module):
         input_ids: [batch, seq] (or `inputs_embeds` [batch, seq, embed]); positions: [batch, seq]
         (default arange, or continuing after `cache_index` with a cache); segment_ids: [batch, seq]
         (0 = padding; default all 1). With `cache`, the new keys/values are written at
-        `cache_index` (an int, or [batch] ints: each row its own) and attention covers the whole cache.
+        `cache_index` (an int, or [batch] ints: each row its own) and attention covers the cache's
+        columns that its `segment_ids` / `positions` `[batch, kv_len]` describe: its k/v stacks
+        `[layers, >= batch, >= kv_len, ...]` may be larger (a serving engine's slots and context),
+        and are then read and written in place, never copied whole.
 
         Returns (logits [batch, seq, vocab] f32, new cache or None), and the final-normed hidden
         state as a third element when `return_hidden`.

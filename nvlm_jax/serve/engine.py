@@ -48,7 +48,7 @@ from flax import struct
 
 from nvlm_jax.config import NVLMConfig
 from nvlm_jax.generate import decode_step, mesh_context, prefill_step, step_images, tile_bucket
-from nvlm_jax.models.llm import as_bits, from_bits, init_cache, update_slice
+from nvlm_jax.models.llm import init_cache, update_slice
 from nvlm_jax.models.nvlm import NVLM, ImageContext, check_image_token_count, thumbnail_slots
 from nvlm_jax.sampling import apply_penalties, sample_logits
 from nvlm_jax.serve.image_cache import ImageFeatureCache
@@ -167,9 +167,12 @@ def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg:
     part = {name: jax.lax.slice_in_dim(x, 0, b, axis=batch_axis.get(name, 0))
             for name, x in state.items() if name != "cache"}
     full = state["cache"]
-    # The window on the raw bits (`as_bits`): a bf16 slice went through an f32 copy of the cache.
-    cache = {name: from_bits(as_bits(x)[:, :b, :view] if name in ("k", "v") else x[:b, :view], x.dtype)
-             for name, x in full.items()}
+    # The whole k/v stacks go in (each layer reads its first b rows and `view` columns in place,
+    # `LLM`); only the small [b, view] segment-id / position rows are cut out. Cutting out a
+    # k/v window and writing it back cost two copies of it per step (at view 256 on the 126M
+    # model, more than the weights' products; BUILD_NOTES).
+    cache = dict(k=full["k"], v=full["v"], segment_ids=full["segment_ids"][:b, :view],
+                 positions=full["positions"][:b, :view])
     context = None
     if cfg.arch in ("X", "H"):
         context = ImageContext(memory_k=part["memory_k"], memory_v=part["memory_v"],
@@ -179,7 +182,8 @@ def _decode(params, state, tokens, positions, active, rows: RowSampling, *, cfg:
     new = _choose(logits, part["counts"], part["seen"], rows)
     counts = part["counts"].at[jnp.arange(b), new].add(active.astype(jnp.int32))
     out = dict(state, counts=jax.lax.dynamic_update_slice(state["counts"], counts, (0, 0)))
-    out["cache"] = {name: update_slice(full[name], x, (0,) * x.ndim) for name, x in cache.items()}
+    out["cache"] = dict(cache, **{name: jax.lax.dynamic_update_slice(full[name], cache[name], (0, 0))
+                                  for name in ("segment_ids", "positions")})
     return new, _laid_out(out)
 
 

@@ -289,8 +289,15 @@ def test_cached_decode_with_precomputed_image_memory_equals_full_forward(arch):
                                             cache=c, cache_index=s - 1), donate_argnums=1)
     whole = whole_cache_copies(step.lower(params, cache).compile().as_text(), cache["k"].shape)
     assert not whole, whole[:3]
-    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, cache)  # as bits, too
-    whole = whole_cache_copies(step.lower(params, bf16).compile().as_text(), cache["k"].shape, "bfloat16")
+    # bf16 (its cache held as raw bits): no whole copy either, nor a conversion to or from the bits.
+    model16 = nvlm.NVLM(cfg.replace(dtype="bfloat16"))
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    step16 = jax.jit(lambda p, c: model16.apply({"params": p}, last["input_ids"], image_context=context.memory_only(),
+                                                token_image=last["token_image"], token_tile=last["token_tile"],
+                                                cache=c, cache_index=s - 1), donate_argnums=1)
+    bits = init_cache(cfg.llm, 1, s, jnp.bfloat16)
+    assert bits["k"].dtype == jnp.uint16
+    whole = whole_cache_copies(step16.lower(params16, bits).compile().as_text(), cache["k"].shape, "bfloat16")
     assert not whole, whole[:3]
 
 

@@ -1,6 +1,8 @@
 """Continuous batching: requests that join while others decode answer exactly as `generate`
 does (NVLM-X and H here, D in test_app.py), and X/H through the real `openai` client."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +166,28 @@ def test_a_bfloat16_engine_answers_as_bfloat16_generate(tokenizer):
             np.testing.assert_array_equal(list(handle)[-1].token_ids, want)
     finally:
         engine.stop()
-    assert engine._state["cache"]["k"].dtype == jnp.bfloat16
+    assert engine._state["cache"]["k"].dtype == jnp.uint16  # the bf16 cache's raw bits (`init_cache`)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_step_reads_its_view_of_the_cache_in_place(dtype, tokenizer):
+    # Each layer reads the running slots' first `view` columns straight out of the whole cache and
+    # writes one column per slot. Before, the step cut a [layers, slots, view, ...] window out of
+    # the k/v stacks and wrote it back: two passes over it per step, the 126M model's step at
+    # view 256 took twice its step at 128 (BUILD_NOTES).
+    from nvlm_jax.serve import engine as engine_lib
+    from tests.models.cache_hlo import whole_cache_copies
+
+    model = _random_model("D", tokenizer, dtype=dtype)
+    engine = Engine(model, max_batch=4, max_len=256)
+    b, view = 4, 64
+    zeros = np.zeros((b,), np.int32)
+    hlo = engine_lib._decode.lower(model.params, engine._state, zeros, zeros, np.ones((b,), bool),
+                                   engine._rows([None] * b), cfg=model.config, view=view).compile().as_text()
+    k = engine._state["cache"]["k"]
+    assert not whole_cache_copies(hlo, k.shape, dtype)
+    window = ",".join(map(str, (k.shape[0], b, view) + k.shape[3:]))
+    assert not re.findall(rf"= \w+\[{window}\]", hlo), window
 
 
 @pytest.mark.parametrize("arch", ["D", "X"])
