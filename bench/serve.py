@@ -12,6 +12,11 @@ on CPU), tiny test tokenizer), in one run:
 * throughput = completion tokens / wall time (both sides produce the same tokens: greedy, the
   same stop token; checked by token counts), the ratio server/generate, time to first token
   p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks);
+* the HTTP floor: the same requests from the same clients against a server on the same stack
+  (Starlette, uvicorn) that runs no model and streams each answer at once, one chunk per token
+  (OpenAI's chunk format, with usage), as our server streams a one-token text piece. The
+  fastest any server can answer these clients on this machine: `generate`'s wall time over the
+  floor's is the largest "vs generate" ratio any server could reach;
 * with `--load_seconds S`: a load test of 16 concurrent clients for S seconds on the tiny model
   (mixed streaming / non-streaming, some with an image), reporting requests, errors and the
   server's running/waiting slots afterwards (must be 0).
@@ -92,18 +97,56 @@ def serve_main(args) -> None:
     uvicorn.run(create_app(engine, model_name="nvlm"), host="127.0.0.1", port=args.port, log_level="warning")
 
 
+def floor_main(args) -> None:
+    """The HTTP-floor subprocess: answers every chat request at once, no model: `max_tokens`
+    one-character content chunks, then the finish and usage chunks and `[DONE]`."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    def chunk(delta, finish=None, usage=None):
+        body = dict(id="floor", object="chat.completion.chunk", created=0, model="nvlm",
+                    choices=[] if usage else [dict(index=0, delta=delta, finish_reason=finish)])
+        if usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def chat(request):
+        n = int((await request.json()).get("max_tokens", 16))
+
+        async def stream():
+            yield chunk(dict(role="assistant", content=""))
+            for _ in range(n):
+                yield chunk(dict(content="a"))
+            yield chunk({}, "length")
+            yield chunk(None, usage=dict(prompt_tokens=1, completion_tokens=n, total_tokens=n + 1))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def health(request):
+        return JSONResponse(dict(status="ok"))
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)])
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.read().decode()
 
 
 def start_server(name: str, max_len: int, dtype: str) -> tuple[subprocess.Popen, str]:
+    """Serves model `name` (or, for name "floor", the HTTP floor) in a subprocess."""
     from tests.serve.server import free_port
 
     port = free_port()
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, __file__, f"--serve_model={name}", f"--port={port}",
-                             f"--max_len={max_len}", f"--serve_dtype={dtype}"], stdout=subprocess.DEVNULL, stderr=log)
+    what = ["--floor_server"] if name == "floor" else [f"--serve_model={name}", f"--max_len={max_len}",
+                                                       f"--serve_dtype={dtype}"]
+    proc = subprocess.Popen([sys.executable, __file__, f"--port={port}", *what], stdout=subprocess.DEVNULL,
+                            stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -224,6 +267,16 @@ def bench_model(name: str, dtype: str, args) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # The floor streams as many tokens per request as the model's answers had.
+    per_request = max(1, round(rows["generate, one by one"]["tokens"] / len(questions)))
+    proc, base = start_server("floor", args.max_len, dtype)
+    try:
+        run_clients(base, questions[:8], 8, per_request)
+        for clients in (1, 4, 8):
+            rows[f"HTTP floor (no model), {clients} clients"] = run_clients(base, questions, clients, per_request)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
     baseline = rows["generate, one by one"]
     for row in rows.values():
         row["vs_generate"] = row["tok_s"] / baseline["tok_s"]
@@ -243,9 +296,13 @@ def main() -> None:
     parser.add_argument("--serve_dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--serve_model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--floor_server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_model:
         serve_main(args)
+        return
+    if args.floor_server:
+        floor_main(args)
         return
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()}")
