@@ -8,7 +8,8 @@ on CPU), tiny test tokenizer), in one run:
 * the same `--requests` text prompts (different lengths, greedy, `--max_tokens` each) are sent
   by 1, 4 and 8 concurrent streaming clients (the real `openai` client, one thread each) to a
   server started as a subprocess (`python bench/serve.py --serve_model=...`, uvicorn, its own
-  cores and GIL), and answered one by one by `model.generate` (batch 1) in this process;
+  cores and GIL), and answered one by one by `model.generate` (batch 1) in this process, before
+  and after the server runs (ratios against the mean of the two: machine speed drifts);
 * throughput = completion tokens / wall time (both sides produce the same tokens: greedy, the
   same stop token; checked by token counts), the ratio server/generate, time to first token
   p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks);
@@ -260,15 +261,25 @@ def bench_model(name: str, dtype: str, args) -> dict:
         run_clients(base, questions[:4], 1, args.max_tokens)
         run_clients(base, questions[:8], 8, args.max_tokens)
         run_generate(model, questions[:8], args.max_tokens)
-        rows = {"generate, one by one": run_generate(model, questions, args.max_tokens)}
+        before = run_generate(model, questions, args.max_tokens)
+        rows = {}
         for clients in (1, 4, 8):
             rows[f"server, {clients} streaming clients"] = run_clients(base, questions, clients, args.max_tokens)
+        after = run_generate(model, questions, args.max_tokens)
         load = load_test(base, args.load_seconds) if name == "tiny" and args.load_seconds else None
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # This host's speed drifts by tens of percent within minutes: `generate` is timed before and
+    # after the server runs, and the ratios are against the mean of the two times.
+    if after["tokens"] != before["tokens"]:
+        raise RuntimeError(f"generate gave {before['tokens']} then {after['tokens']} tokens for the same prompts")
+    baseline = dict(wall_s=(before["wall_s"] + after["wall_s"]) / 2, tokens=before["tokens"])
+    baseline["tok_s"] = baseline["tokens"] / baseline["wall_s"]
+    rows = {f"generate, one by one (before / after: {before['tok_s']:.1f} / {after['tok_s']:.1f} tok/s)": baseline,
+            **rows}
     # The floor streams as many tokens per request as the model's answers had.
-    per_request = max(1, round(rows["generate, one by one"]["tokens"] / len(questions)))
+    per_request = max(1, round(baseline["tokens"] / len(questions)))
     proc, base = start_server("floor", args.max_len, dtype)
     try:
         run_clients(base, questions[:8], 8, per_request)
@@ -277,7 +288,6 @@ def bench_model(name: str, dtype: str, args) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    baseline = rows["generate, one by one"]
     for row in rows.values():
         row["vs_generate"] = row["tok_s"] / baseline["tok_s"]
         if row["tokens"] != baseline["tokens"]:
