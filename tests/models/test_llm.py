@@ -103,6 +103,17 @@ def test_scan_stacks_layers_on_axis_zero():
     assert q.names == ("layers", "embed", "q_heads", "head_dim")
 
 
+def test_a_bits_cache_needs_a_16_bit_compute_dtype():
+    # init_cache holds a bf16 cache as its raw bits (uint16); an f32 decoder cannot tell which
+    # 16-bit float they are, so it refuses them instead of reading garbage.
+    model = LLM(QWEN2)  # float32 compute
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    cache = init_cache(QWEN2, batch=1, max_len=8, dtype=jnp.bfloat16)
+    assert cache["k"].dtype == jnp.uint16 and cache["segment_ids"].dtype == jnp.int32
+    with pytest.raises(ValueError, match="raw 16-bit float bits .* needs a 16-bit compute dtype, not float32"):
+        model.apply({"params": params}, jnp.ones((1, 1), jnp.int32), cache=cache, cache_index=0)
+
+
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("row_index", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
