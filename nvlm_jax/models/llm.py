@@ -49,9 +49,7 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> 
     through an f32 copy of it, and converting a bf16 cache to bits on the way into a program
     (and back on the way out) is a pass over the whole cache each time, every decode step."""
     kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(dtype)
-    if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.dtype(jnp.uint16)
+    dtype = bits_dtype(dtype)
     return {
         "k": jnp.zeros(kv_shape, dtype),
         "v": jnp.zeros(kv_shape, dtype),
@@ -69,13 +67,19 @@ def write_at(buffer: jax.Array, new: jax.Array, index: jax.Array | int) -> jax.A
     return jax.vmap(row)(buffer, new, index)
 
 
+def bits_dtype(dtype) -> jnp.dtype:
+    """What `as_bits` turns an array of `dtype` into: uint16 for a 16-bit float, else `dtype`."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 def as_bits(x: jax.Array) -> jax.Array:
     """A 16-bit float array's raw bits (uint16; other dtypes as they are). XLA:CPU runs a bf16
     dynamic-update-slice or slice of a buffer through an f32 copy of the whole buffer (measured:
     the serve engine's bf16 step converted its whole KV cache four times); on the bits the update
     is done in place."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 and jnp.issubdtype(
-        x.dtype, jnp.floating) else x
+    bits = bits_dtype(x.dtype)
+    return x if bits == x.dtype else jax.lax.bitcast_convert_type(x, bits)
 
 
 def from_bits(bits: jax.Array, dtype) -> jax.Array:
