@@ -142,7 +142,7 @@ def dequantize(q, scale, dtype=jnp.float32):
     return w.reshape(q.shape).astype(dtype)
 
 
-SMALL_ROWS = 32  # int8 products with at most this many rows (decode) multiply and sum (see below)
+SMALL_ROWS = 32  # int8 products with 2 to this many rows (decode) multiply and sum (see below)
 
 
 def quantized_product(x: jax.Array, kernel_q: jax.Array, scale: jax.Array, in_dims: int, dtype) -> jax.Array:
@@ -150,11 +150,12 @@ def quantized_product(x: jax.Array, kernel_q: jax.Array, scale: jax.Array, in_di
     scale, in `dtype` with f32 accumulation; returns f32 `[batch..., out...]`.
 
     How XLA:CPU reads the weight decides the speed (BUILD_NOTES, quantization; other backends
-    always take the dot, whose operand conversion they fuse): one row is a dot
-    that it runs as one loop over the int weight, converting as it reads; up to `SMALL_ROWS`
-    int8 rows, a multiply-and-sum over the weight's rows does the same for every row at once (for
-    int4 it ran at half the dot's speed: measured, not used); a longer product (prefill) is a dot
-    on the converted weight, its conversion shared by all rows.
+    always take the dot, whose operand conversion they fuse): one row is a dot that it runs as
+    one loop over the int weight, converting as it reads, on `x` computed first
+    (`computed_first`); up to `SMALL_ROWS` int8 rows, a multiply-and-sum over the weight's rows
+    does the same for every row at once, on an `x` no other product shares (`unshared`; for int4
+    it ran at half the dot's speed: measured, not used); a longer product (prefill) is a dot on
+    the converted weight, its conversion shared by all rows.
     """
     out_shape = kernel_q.shape[: kernel_q.ndim - in_dims]
     n, k = math.prod(out_shape), math.prod(kernel_q.shape[kernel_q.ndim - in_dims :])
@@ -167,9 +168,12 @@ def quantized_product(x: jax.Array, kernel_q: jax.Array, scale: jax.Array, in_di
         per_group = scale.reshape(g, n).T[:, :, None]
         w = (kernel_q.reshape(n, g, k // g).astype(jnp.float32) * per_group).astype(dtype).reshape(n, k)
         post = None
-    few_rows = 1 < x2.shape[0] <= SMALL_ROWS and jax.default_backend() == "cpu"  # a GPU/TPU dot fuses the convert
-    if post is not None and few_rows:  # exact products of dtype values, summed in f32
-        y = jnp.sum(x2.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
+    cpu, m = jax.default_backend() == "cpu", x2.shape[0]  # a GPU/TPU dot fuses the convert itself
+    if cpu and m == 1:
+        y = jnp.dot(computed_first(x2), w.T, preferred_element_type=jnp.float32)
+    elif cpu and m <= SMALL_ROWS and post is not None:  # exact products of dtype values, summed in f32
+        x2 = unshared(x2.astype(jnp.float32), post)
+        y = jnp.sum(x2[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
     else:
         y = jnp.dot(x2, w.T, preferred_element_type=jnp.float32)
     if post is not None:
@@ -211,3 +215,26 @@ def quantized_linear(module: nn.Module, x: jax.Array, kernel_shape: tuple[int, .
                          f"{scale.shape} do not fit a {mode} kernel {kernel_shape}: expected kernel_q {q_shape} "
                          f"(out-major) and scale {scale_shape}")
     return quantized_product(x, q, scale, in_dims, dtype)
+
+
+def computed_first(x: jax.Array) -> jax.Array:
+    """`x`, computed into its own buffer before the one-row product that reads it.
+
+    XLA:CPU runs a one-row product as a loop over the weight's rows and fuses cheap elementwise
+    producers of `x` into it, so they are recomputed for every output row: o_proj's input (the
+    attention output, transposed and normalised) made its product 6x slower than q_proj's, the
+    MLP's SwiGLU product made down_proj's 3x slower (BUILD_NOTES, quantized decode). XLA drops an
+    optimization barrier, but never duplicates a division into a consumer that reuses its
+    elements; `x / (x == x)` is `x` for every value (NaN stays NaN, infinities stay).
+    """
+    return x / (x == x).astype(x.dtype)
+
+
+def unshared(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """`x` times 1, made to depend on this product's `scale` so that XLA cannot merge the
+    broadcast of `x` with another product's: products reading the same input (k and v, gate and
+    up) otherwise share one broadcast, which XLA:CPU materialises whole ([rows, out, in]: 120 ms
+    for gate + up at 8 rows against 0.5 ms each unshared; BUILD_NOTES). Multiplying by
+    `(s == s)` is exact (a NaN scale yields NaN outputs either way)."""
+    s = scale.reshape(-1)[0]
+    return x * (s == s).astype(x.dtype)

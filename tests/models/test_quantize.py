@@ -154,3 +154,70 @@ def test_quantized_product_equals_the_product_with_the_dequantized_kernel(mode, 
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     bf = jax.jit(lambda x: quantize.quantized_product(x, q_t, jnp.asarray(s), 2, jnp.bfloat16))(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(bf), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def _entry(hlo: str) -> str:
+    """The ENTRY computation of a compiled module's text."""
+    return hlo[hlo.index("\nENTRY"):]
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """name -> body of every computation in a compiled module's text."""
+    out = {}
+    for block in hlo.split("\n\n"):
+        head = block.strip().splitlines()[0] if block.strip() else ""
+        if head.endswith("{") and " -> " in head:
+            out[head.split(" ")[0].lstrip("%")] = block
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_computed_first_and_unshared_are_exact_identities(dtype):
+    x = jnp.asarray([[1.5, -0.0, 0.0, np.inf, -np.inf, np.nan, 3e-3, -7e4, 1e-30]], dtype)
+    bits = lambda a: np.asarray(a).view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)  # noqa: E731
+    np.testing.assert_array_equal(bits(jax.jit(quantize.computed_first)(x)), bits(x))
+    np.testing.assert_array_equal(bits(jax.jit(quantize.unshared)(x, jnp.full((3,), 0.25))), bits(x))
+
+
+def test_a_one_row_int8_product_reads_its_input_computed_once():
+    """XLA:CPU fuses a one-row product's elementwise producers into its loop over the weight's
+    rows, recomputing them for every output; the product must read `x` as computed (BUILD_NOTES,
+    quantized decode)."""
+    w = _w((192, 256), 5)
+    q, s = quantize.quantize_array(w, (1, 256), "int8")
+    q_t, s = jnp.asarray(quantize.out_major(q, 1)), jnp.asarray(s)
+
+    def swiglu_then_product(gate, up, q_t, s):  # the MLP's down_proj input
+        return quantize.quantized_product(jax.nn.silu(gate) * up * 0.5, q_t, s, 1, jnp.float32)
+
+    args = (jnp.asarray(_w((1, 192), 6)), jnp.asarray(_w((1, 192), 7)), q_t, s)
+    hlo = jax.jit(swiglu_then_product).lower(*args).compile().as_text()
+    dot_bodies = [b for b in _computations(hlo).values() if " dot(" in b and "s8[" in b]
+    assert dot_bodies, hlo
+    for body in dot_bodies:
+        for op in ("multiply(", "logistic(", "exponential(", "divide(", "select("):
+            assert op not in body, f"the int8 product's loop recomputes its input ({op}):\n{body}"
+    got = jax.jit(swiglu_then_product)(*args)
+    kernel = np.asarray(quantize.dequantize(jnp.asarray(q), s), np.float64)
+    x = np.asarray(jax.nn.silu(args[0]) * args[1] * 0.5, np.float64)  # [1, 192]
+    np.testing.assert_allclose(np.asarray(got), x @ kernel, rtol=1e-5, atol=1e-5 * np.abs(x @ kernel).max())
+
+
+def test_few_row_products_of_one_input_do_not_materialise_a_shared_broadcast():
+    """k and v (gate and up) read the same input: XLA merges their identical broadcasts of it and
+    XLA:CPU then writes that [rows, out, in] array whole (BUILD_NOTES, quantized decode)."""
+    rows, n, k = 8, 64, 192
+    pairs = []
+    for seed in (8, 9):
+        q, s = quantize.quantize_array(_w((k, n), seed), (1, n), "int8")
+        pairs.append((jnp.asarray(quantize.out_major(q, 1)), jnp.asarray(s)))
+
+    def k_and_v(x, pairs):
+        return tuple(quantize.quantized_product(x, q, s, 1, jnp.float32) for q, s in pairs)
+
+    x = jnp.asarray(_w((rows, k), 10))
+    hlo = jax.jit(k_and_v).lower(x, pairs).compile().as_text()
+    assert f"[{rows},{n},{k}]" not in _entry(hlo), _entry(hlo)
+    for (q, s), got in zip(pairs, jax.jit(k_and_v)(x, pairs), strict=True):
+        want = np.asarray(x, np.float64) @ np.asarray(quantize.dequantize(quantize.in_major(q, 1), s), np.float64)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
