@@ -155,27 +155,35 @@ def quantized_product(x: jax.Array, kernel_q: jax.Array, scale: jax.Array, in_di
     (`computed_first`); up to `SMALL_ROWS` int8 rows, a multiply-and-sum over the weight's rows
     does the same for every row at once, on an `x` no other product shares (`unshared`; for int4
     it ran at half the dot's speed: measured, not used); a longer product (prefill) is a dot on
-    the converted weight, its conversion shared by all rows.
+    the converted weight, its conversion shared by all rows. The CPU few-row paths multiply in
+    f32 whatever `dtype` is (see below); for int4 the dequantized weight is then not rounded to
+    `dtype` there, so a bf16 int4 decode step is slightly more precise than its prefill.
     """
     out_shape = kernel_q.shape[: kernel_q.ndim - in_dims]
     n, k = math.prod(out_shape), math.prod(kernel_q.shape[kernel_q.ndim - in_dims :])
     x2 = x.reshape(-1, k).astype(dtype)  # [m, k]
+    f32 = jnp.float32
     if mode_of(kernel_q) == "int8":  # one scale per output: scale the product, not the weight
+        w32 = kernel_q.reshape(n, k).astype(f32)
         w = kernel_q.reshape(n, k).astype(dtype)  # integers up to 128 are exact in bf16
         post = scale.reshape(n)
     else:  # int4: scales per group of inputs [in_lead..., groups, out...] -> [n, g]
         g = scale.size // n
         per_group = scale.reshape(g, n).T[:, :, None]
-        w = (kernel_q.reshape(n, g, k // g).astype(jnp.float32) * per_group).astype(dtype).reshape(n, k)
+        w32 = (kernel_q.reshape(n, g, k // g).astype(f32) * per_group).reshape(n, k)
+        w = w32.astype(dtype)
         post = None
     cpu, m = jax.default_backend() == "cpu", x2.shape[0]  # a GPU/TPU dot fuses the convert itself
+    # On CPU, few-row products run in f32 from the f32 weight: for int8 these are the same exact
+    # products of dtype values as a bf16 product's, and XLA:CPU converts to bf16 slowly (int8 with
+    # bf16 activations: 164 ms a step against 10 ms in f32 on AVX2; BUILD_NOTES).
     if cpu and m == 1:
-        y = jnp.dot(computed_first(x2), w.T, preferred_element_type=jnp.float32)
+        y = jnp.dot(computed_first(x2).astype(f32), w32.T, preferred_element_type=f32)
     elif cpu and m <= SMALL_ROWS and post is not None:  # exact products of dtype values, summed in f32
-        x2 = unshared(x2.astype(jnp.float32), post)
-        y = jnp.sum(x2[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
+        x2 = unshared(x2.astype(f32), post)
+        y = jnp.sum(x2[:, None, :] * w32[None], axis=-1)
     else:
-        y = jnp.dot(x2, w.T, preferred_element_type=jnp.float32)
+        y = jnp.dot(x2, w.T, preferred_element_type=f32)
     if post is not None:
         y = y * post
     return y.reshape(x.shape[: x.ndim - in_dims] + out_shape)
