@@ -12,7 +12,8 @@ Run from the repo root: `python bench/decode.py [--repeats 3] [--new_tokens 64]`
 `--weights` runs the weight-format table instead (issue 18): the 348M-class NVLM-D of
 `bench/device_check.py` (ViT 512 x 8, LLM 768 x 12, GQA 12/4, vocab 151,680): greedy decode
 steps at a KV cache of `--prompt_len + --new_tokens` slots, batch 1 and 8, with float32 /
-bfloat16 / int8 / int4 weights (int8/int4: weight-only, float32 activations); each format's
+bfloat16 / int8 / int4 weights (int8/int4: weight-only, float32 activations; "int8/bf16": int8
+weights with bfloat16 activations, as the serve and chat CLIs run by default); each format's
 weight-bandwidth limit is the bytes one step reads (every LLM weight but the embedding table;
 int4 counted at 4 bits) over the read bandwidth measured in the same run (a sum over 1 GiB).
 Its compute limit is the step's weight FLOPs (2 x batch x those weights' parameters) over the
@@ -169,9 +170,11 @@ def weights_main(args) -> None:
           f"f32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; "
           f"jax {jax.__version__} ({jax.devices()[0].platform})")
     step_ms = {}
-    for name in ("float32", "bfloat16", "int8", "int4"):
-        if name in ("int8", "int4"):
-            cfg, params = quantize_params(jax.tree_util.tree_map(lambda x: x.copy(), base), f32, name)
+    for name in ("float32", "bfloat16", "int8", "int4", "int8/bf16"):
+        if name.startswith(("int8", "int4")):
+            cfg, params = quantize_params(jax.tree_util.tree_map(lambda x: x.copy(), base), f32, name[:4])
+            if name.endswith("/bf16"):  # bf16 activations: the serve and chat CLIs' default dtype
+                cfg = cfg.replace(dtype="bfloat16")
         else:
             cfg = f32.replace(dtype=name, param_dtype=name)
             params = jax.tree_util.tree_map(lambda x, n=name: x.astype(n), base)
@@ -187,7 +190,7 @@ def weights_main(args) -> None:
                 step = step_seconds(lcfg, lparams, batch, slots, args.repeats)
                 ms = step_ms[name, layout, batch] = 1e3 * step
                 roofline = max(1 / limit, batch * flops_per_row / name_peak)  # seconds: bytes or FLOPs bound
-                print(f"{name:8s} {layout:9s} batch {batch}: step {ms:7.1f} ms, {batch / step:7.1f} tok/s, weights "
+                print(f"{name:9s} {layout:9s} batch {batch}: step {ms:7.1f} ms, {batch / step:7.1f} tok/s, weights "
                       f"{weights / 2**20:6.0f} MiB/step, {1 / step / limit:.2f} of its weight-bandwidth limit, "
                       f"{roofline / step:.2f} of its roofline ({'compute' if roofline > 1 / limit else 'bandwidth'}), "
                       f"{step_ms['float32', layout, batch] / ms:.2f}x float32's tok/s, "
