@@ -33,6 +33,11 @@ def test_quantized_tiny_model_agrees_with_the_float_model(tmp_path):
     assert report["positions"] >= 2000
     assert report["int8"]["top1_agreement"] >= 0.99, report
     assert report["int8"]["logit_err_max"] < 0.05 * report["logit_abs_max"], report
-    # The int4 target (>= 95%) holds on the 1000-step main-job model (BUILD_NOTES); a
-    # briefly trained one has near-tied logits at more positions: measured 86-97% over runs.
+    # The int4 target (>= 95%) held on one 1000-step main-job model (97.5%) and not on
+    # another (89.6%; BUILD_NOTES); a briefly trained one measured 86-97% over runs. The flips
+    # sit at near-tied logits.
     assert report["int4"]["top1_agreement"] >= 0.80, report
+    # flips are near-ties: where the float model's top-1 is clear, both agree more often
+    assert 0 < report["positions_margin_over_0.5"] < report["positions"], report
+    for mode in ("int8", "int4"):
+        assert report[mode]["top1_agreement_margin_over_0.5"] >= report[mode]["top1_agreement"], report
