@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,10 @@ def batch(model, examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("int8", "int4"),
-            answers: bool = True) -> dict:
+            answers: bool = True, gptq: bool = False, gptq_samples: int = 64) -> dict:
     """The report (see module doc) of `checkpoint` over `samples` held-out examples per task;
-    `answers=False` skips the greedy answers (teacher-forced figures only)."""
+    `answers=False` skips the greedy answers (teacher-forced figures only); `gptq` adds each
+    mode quantized by GPTQ (`nvlm_jax.quantize_gptq`) on `gptq_samples` training examples per task."""
     base = nvlm_jax.load_pretrained(checkpoint, dtype="float32")
     examples = [ex for t in tasks for ex in synthetic.heldout_examples(t, samples)]
     ids, tiles, valid = batch(base, examples)
@@ -56,20 +58,31 @@ def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("in
         ref_answers = [base.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
         report["float32"] = {"exact_match": float(np.mean([r == ex.answer
                                                            for r, ex in zip(ref_answers, examples, strict=True)]))}
-    for mode in modes:
-        model = nvlm_jax.load_pretrained(checkpoint, dtype="float32", quantize=mode)
+    if gptq:  # calibrated on training examples (one per forward), never the held-out ones
+        calibration = [batch(base, [ex])[:2] for t in tasks
+                       for ex in synthetic.heldout_examples(t, gptq_samples, split="train")]
+        report["gptq_calibration_examples"] = len(calibration)
+    for name in [m for mode in modes for m in ((mode, mode + "_gptq") if gptq else (mode,))]:
+        mode = name.removesuffix("_gptq")
+        if name.endswith("_gptq"):
+            start = time.perf_counter()
+            model = nvlm_jax.quantize_gptq(base, calibration, mode)
+            report[name] = {"calibration_s": round(time.perf_counter() - start, 1)}
+        else:
+            model = nvlm_jax.load_pretrained(checkpoint, dtype="float32", quantize=mode)
+            report[name] = {}
         got = np.asarray(model.forward(ids, tiles))[valid]
         err = np.abs(got - ref)
         same = got.argmax(-1) == ref.argmax(-1)
-        report[mode] = {"top1_agreement": float(same.mean()),
+        report[name] |= {"top1_agreement": float(same.mean()),
                         # where the float model's top-1 leads its top-2 by > 0.5: flips elsewhere are near-ties
                         "top1_agreement_margin_over_0.5": float(same[clear].mean()),
                         "logit_err_max": float(err.max()), "logit_err_mean": float(err.mean())}
         if answers:
             out = [model.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
-            report[mode]["greedy_same_as_float"] = float(np.mean([x == y for x, y in zip(out, ref_answers,
+            report[name]["greedy_same_as_float"] = float(np.mean([x == y for x, y in zip(out, ref_answers,
                                                                                           strict=True)]))
-            report[mode]["exact_match"] = float(np.mean([x == ex.answer for x, ex in zip(out, examples,
+            report[name]["exact_match"] = float(np.mean([x == ex.answer for x, ex in zip(out, examples,
                                                                                           strict=True)]))
     return report
 
@@ -79,8 +92,11 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tasks", default="colour,shape")
     p.add_argument("--samples", type=int, default=32, help="held-out examples per task")
+    p.add_argument("--gptq", action="store_true", help="also GPTQ-quantized models (int8_gptq, int4_gptq)")
+    p.add_argument("--gptq_samples", type=int, default=64, help="GPTQ calibration (training) examples per task")
     a = p.parse_args()
-    print(json.dumps(quality(a.checkpoint, a.tasks.split(","), a.samples), indent=1))
+    print(json.dumps(quality(a.checkpoint, a.tasks.split(","), a.samples, gptq=a.gptq,
+                             gptq_samples=a.gptq_samples), indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ tiles, and for X/H the cross-attention ids), which `forward` and `generate` also
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -30,6 +31,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 from nvlm_jax.checkpoint import folders
 from nvlm_jax.checkpoint import restore as restore_lib
@@ -67,15 +69,23 @@ class _FromFormat:
 FROM_FORMAT: Any = _FromFormat()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward(params, input_ids, pixel_values, *, cfg: NVLMConfig):
-    return NVLM(cfg).apply({"params": params}, input_ids, pixel_values)[0]
+def _intercepting(intercept):
+    """`nn.intercept_methods(intercept)`, or nothing for None."""
+    return contextlib.nullcontext() if intercept is None else nn.intercept_methods(intercept)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward_rows(params, input_ids, pixels, tile_valid, tile_image, token_image, token_tile, *, cfg: NVLMConfig):
-    return NVLM(cfg).apply({"params": params}, input_ids, pixels, tile_valid, tile_image=tile_image,
-                           token_image=token_image, token_tile=token_tile)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "intercept"))
+def _forward(params, input_ids, pixel_values, *, cfg: NVLMConfig, intercept=None):
+    with _intercepting(intercept):
+        return NVLM(cfg).apply({"params": params}, input_ids, pixel_values)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "intercept"))
+def _forward_rows(params, input_ids, pixels, tile_valid, tile_image, token_image, token_tile, *, cfg: NVLMConfig,
+                  intercept=None):
+    with _intercepting(intercept):
+        return NVLM(cfg).apply({"params": params}, input_ids, pixels, tile_valid, tile_image=tile_image,
+                               token_image=token_image, token_tile=token_tile)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -174,6 +184,7 @@ class NVLMModel:
         tile_image=None,
         token_image=None,
         token_tile=None,
+        intercept=None,
     ) -> jax.Array:
         """Logits `[batch, seq, vocab]` (f32).
 
@@ -185,6 +196,9 @@ class NVLMModel:
         all valid), tile_image `[batch, tiles]`, token_image / token_tile `[batch, seq]`; tile
         slots are padded to a power of two. Image token counts are checked on the host
         (ValueError on mismatch).
+        intercept: a flax method interceptor (`nn.intercept_methods`) active while the forward is
+        traced, e.g. to record layer inputs with `jax.debug.callback` (GPTQ calibration,
+        `nvlm_jax.checkpoint.gptq`); each interceptor object compiles its own program.
         """
         c = self.config
         if isinstance(input_ids, ChatInputs):
@@ -208,11 +222,11 @@ class NVLMModel:
             rows = prepare_row_tiles(c, full, pixel_values, token_image, token_tile, tile_image, tile_valid)
             with mesh_context(self.mesh, self.rules):
                 return _forward_rows(self.params, ids, rows.pixels, rows.tile_valid, rows.tile_image,
-                                     rows.token_image, rows.token_tile, cfg=c)
+                                     rows.token_image, rows.token_tile, cfg=c, intercept=intercept)
         pixels = None if pixel_values is None else np.asarray(pixel_values, np.float32)
         check_image_token_count(c, ids, 0 if pixels is None else pixels.shape[0])
         with mesh_context(self.mesh, self.rules):
-            return _forward(self.params, ids, pixels, cfg=c)
+            return _forward(self.params, ids, pixels, cfg=c, intercept=intercept)
 
     def encode_images(self, pixel_values) -> jax.Array:
         """Projected image tokens `[tiles, tokens_per_tile, llm_hidden]` of `[tiles, H, W, 3]` tiles."""

@@ -98,7 +98,7 @@ class QuantizedParam(StreamedParam):
         return np.ascontiguousarray(full[cut]), nbytes
 
 
-def _kernel_paths(cfg: NVLMConfig, mode: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]]:
+def kernel_paths(cfg: NVLMConfig, mode: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple[int, ...]]]:
     """Path of each Linear's float `kernel` -> (its scale shape, the axis order taking the kernel
     to its out-major `kernel_q`), from the model's abstract trees without and with `mode`."""
     def boxed(c):
@@ -138,7 +138,7 @@ def quantize_plan(plan: ConversionPlan, mode: str) -> ConversionPlan:
     if plan.cfg.quantize is not None:
         raise ValueError(f"the plan is already quantized ({plan.cfg.quantize})")
     cfg = plan.cfg.replace(quantize=mode)
-    kernels = _kernel_paths(plan.cfg, mode)
+    kernels = kernel_paths(plan.cfg, mode)
     params: dict[tuple[str, ...], StreamedParam] = {}
     for path, p in plan.params.items():
         if path not in kernels:
@@ -168,7 +168,7 @@ def quantize_params(params: dict[str, Any], cfg: NVLMConfig, mode: str, mesh: ja
     abstract = nvlm_model.abstract_params(qcfg)
     shardings = tree_shardings(abstract, mesh, rules) if mesh is not None else None
     out = jax.tree_util.tree_map(lambda x: x, params)  # a new dict tree; leaves shared
-    for path, (scale_shape, order) in _kernel_paths(cfg, mode).items():
+    for path, (scale_shape, order) in kernel_paths(cfg, mode).items():
         parent = out
         for k in path[:-1]:
             if not isinstance(parent, dict) or k not in parent:
