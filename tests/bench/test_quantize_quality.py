@@ -29,15 +29,17 @@ def test_quantized_tiny_model_agrees_with_the_float_model(tmp_path):
     from nvlm_jax.train import launch
 
     launch.train(_tiny_config(), tmp_path, console=False)
-    report = quality(tmp_path, samples=32, answers=False)
+    report = quality(tmp_path, samples=32, answers=False, gptq=True, gptq_samples=32)
     assert report["positions"] >= 2000
     assert report["int8"]["top1_agreement"] >= 0.99, report
     assert report["int8"]["logit_err_max"] < 0.05 * report["logit_abs_max"], report
-    # The int4 target (>= 95%) held on one 1000-step main-job model (97.5%) and not on
-    # another (89.6%; BUILD_NOTES); a briefly trained one measured 86-97% over runs. The flips
-    # sit at near-tied logits.
+    # Round-to-nearest int4 met the target (>= 95%) on one 1000-step main-job model
+    # (97.5%) and not on another (89.6%; BUILD_NOTES); a briefly trained one measured 86-97% over
+    # runs, the flips at near-tied logits. GPTQ (calibrated on training examples) meets it.
     assert report["int4"]["top1_agreement"] >= 0.80, report
+    assert report["int4_gptq"]["top1_agreement"] >= 0.95, report
+    assert report["int4_gptq"]["logit_err_mean"] < report["int4"]["logit_err_mean"], report
     # flips are near-ties: where the float model's top-1 is clear, both agree more often
     assert 0 < report["positions_margin_over_0.5"] < report["positions"], report
-    for mode in ("int8", "int4"):
+    for mode in ("int8", "int4", "int8_gptq", "int4_gptq"):
         assert report[mode]["top1_agreement_margin_over_0.5"] >= report[mode]["top1_agreement"], report
