@@ -11,6 +11,7 @@ from qwix.contrib import gptq_core
 import nvlm_jax
 from nvlm_jax.checkpoint import gptq
 from nvlm_jax.models import quantize
+from nvlm_jax.sharding import make_mesh
 from tests import hf_checkpoint as hc
 
 PIXELS = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
@@ -78,12 +79,14 @@ def _inputs(cfg, n=4):
     return [(hc.prompt_ids(cfg, [1], seed=i)[None], PIXELS * (1 + 0.1 * i)) for i in range(n)]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_a_calibrated_model_is_closer_to_the_float_model_than_round_to_nearest(release, mode):
-    model = nvlm_jax.load_pretrained(release.folder, dtype="float32")
+@pytest.mark.parametrize("mode,dtype,mesh", [("int8", "float32", None), ("int4", "float32", None),
+                                             ("int4", "bfloat16", (1, 4, 2))])
+def test_a_calibrated_model_is_closer_to_the_float_model_than_round_to_nearest(release, mode, dtype, mesh):
+    mesh = None if mesh is None else make_mesh(*mesh)
+    model = nvlm_jax.load_pretrained(release.folder, dtype=dtype, mesh=mesh)
     inputs = _inputs(model.config)
     calibrated = nvlm_jax.quantize_gptq(model, inputs, mode)
-    rounded = nvlm_jax.load_pretrained(release.folder, dtype="float32", quantize=mode)
+    rounded = nvlm_jax.load_pretrained(release.folder, dtype=dtype, quantize=mode, mesh=mesh)
     assert calibrated.config == rounded.config
     got, want = _leaves(calibrated.params), _leaves(rounded.params)
     assert got.keys() == want.keys()
