@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,6 +42,7 @@ from nvlm_jax.models.linear import Linear
 from nvlm_jax.sharding import tree_shardings
 
 _FINGERPRINT = 16  # leading values of a kernel that identify it
+_LOG = logging.getLogger(__name__)
 
 
 def gptq_quantize(w: np.ndarray, gram: np.ndarray, group: int, mode: str, *, damping: float = 0.01,
@@ -143,10 +145,12 @@ def linear_grams(model, inputs: Iterable[Any]) -> dict[bytes, np.ndarray]:
     kernel fingerprint. Each input is a `ChatInputs` (`model.prepare_chat`) or a tuple of
     `model.forward`'s positional arguments."""
     grams: dict[bytes, np.ndarray] = {}
+    lock = threading.Lock()  # host callbacks of one program may run on several threads
 
     def sink(gram, fingerprint):
-        key = _fingerprint(fingerprint)
-        grams[key] = grams.get(key, 0) + np.asarray(gram, np.float64)
+        key, gram = _fingerprint(fingerprint), np.asarray(gram, np.float64)
+        with lock:
+            grams[key] = grams.get(key, 0) + gram
 
     recorder = _GramRecorder(sink)
     count = 0
@@ -198,8 +202,8 @@ def quantize_gptq(model, inputs: Iterable[Any], mode: str = "int4", *, damping: 
             q = q.transpose(order)
         by_kernel.setdefault(path, {})[layer] = (q, s)
     if rounded:
-        logging.info("GPTQ: %d kernel(s) not reached by the calibration inputs were rounded to nearest: %s",
-                     len(rounded), ", ".join(sorted(rounded)))
+        _LOG.info("GPTQ: %d kernel(s) not reached by the calibration inputs were rounded to nearest: %s",
+                  len(rounded), ", ".join(sorted(rounded)))
     qcfg = cfg.replace(quantize=mode)
     shardings = (tree_shardings(nvlm_model.abstract_params(qcfg), model.mesh, model.rules)
                  if model.mesh is not None else None)
