@@ -9,6 +9,8 @@
     # Export a converted folder, a training workdir (its latest step, or --step) or checkpoints/N:
     python -m nvlm_jax.convert --export_from=DIR --out_dir=DIR [--max_shard_size=5GB] [--step=best]
     python -m nvlm_jax.convert --vit_dir=DIR --llm_dir=DIR --out_dir=DIR [--arch=D]
+    # GPTQ: quantize any checkpoint calibrated on an eval task's prompts (synthetic: its train split)
+    python -m nvlm_jax.convert --gptq_from=DIR --quantize=int4 --calibration_task=synthetic_colour --out_dir=DIR
 
 The work is done in `nvlm_jax.checkpoint` (import: `hf_import`, export: `export`, assembly:
 `assemble`, folder kinds: `folders`); the names below are re-exported for scripts that used
@@ -70,7 +72,14 @@ def define_flags() -> None:
                         "stored dtype of the safetensors (default: the params' own).")
     flags.DEFINE_bool("drop_dummy_heads", False, "Import: slice the (verified zero) dummy ViT heads away.")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Import: store the Linear kernels quantized (weight-only "
-                      "int8 per output channel / int4 per 128 inputs), quantized while streaming; loads as stored.")
+                      "int8 per output channel / int4 per 128 inputs), quantized while streaming; loads as stored. "
+                      "With --gptq_from: the GPTQ mode.")
+    flags.DEFINE_string("gptq_from", None, "Checkpoint to quantize by GPTQ (`nvlm_jax.quantize_gptq`, whole model "
+                        "in memory) into --out_dir, calibrated on --calibration_task; stored in --dtype.")
+    flags.DEFINE_list("calibration_task", [], "GPTQ: eval task(s) whose prompts calibrate (synthetic_<name>: its "
+                      "training split; others read --calibration_data).")
+    flags.DEFINE_string("calibration_data", None, "GPTQ: the calibration task's JSONL (as `nvlm_jax.eval --data`).")
+    flags.DEFINE_integer("calibration_samples", 64, "GPTQ: prompts per calibration task.")
     flags.DEFINE_integer("vit_dummy_heads", None, "Assembly: zero heads to pad the ViT with (default 0); "
                          "export: dummy heads to store (default: 7 for the 72B ViT as the release, else as in the "
                          "params).")
@@ -120,7 +129,7 @@ def parse_size(text: str) -> int:
 
 def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
     """Every check that needs no model: raises `cli.UserError` naming the mistake."""
-    modes = [bool(FLAGS.hf_dir), bool(FLAGS.export_from), bool(FLAGS.vit_dir or FLAGS.llm_dir)]
+    modes = [bool(FLAGS.hf_dir), bool(FLAGS.export_from), bool(FLAGS.vit_dir or FLAGS.llm_dir), bool(FLAGS.gptq_from)]
     if FLAGS.verify:
         if any(modes) or FLAGS.out_dir:
             raise cli.UserError("--verify=DIR checks one converted folder; give no other mode or --out_dir")
@@ -128,9 +137,16 @@ def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
             raise cli.UserError(f"--verify {FLAGS.verify}: no such folder")
         return None, 0
     if sum(modes) != 1 or not FLAGS.out_dir:
-        raise cli.UserError("give --out_dir and exactly one of: --hf_dir, --export_from, --vit_dir + --llm_dir")
-    if FLAGS.quantize and not FLAGS.hf_dir:
-        raise cli.UserError("--quantize applies to --hf_dir imports")
+        raise cli.UserError("give --out_dir and exactly one of: --hf_dir, --export_from, --vit_dir + --llm_dir, "
+                            "--gptq_from")
+    if FLAGS.quantize and not (FLAGS.hf_dir or FLAGS.gptq_from):
+        raise cli.UserError("--quantize applies to --hf_dir imports and --gptq_from")
+    if FLAGS.gptq_from and not (FLAGS.quantize and FLAGS.calibration_task):
+        raise cli.UserError("--gptq_from needs --quantize=int8|int4 and --calibration_task")
+    if FLAGS.gptq_from and FLAGS.mesh:
+        raise cli.UserError("--gptq_from runs on one host: drop --mesh (the folder restores onto any mesh)")
+    if FLAGS.calibration_samples < 1:
+        raise cli.UserError(f"--calibration_samples must be >= 1, got {FLAGS.calibration_samples}")
     if FLAGS.quantize and FLAGS.mesh:
         raise cli.UserError("--quantize streams through one host: drop --mesh (the folder restores onto any mesh)")
     if FLAGS.mesh and FLAGS.export_from:
@@ -143,7 +159,7 @@ def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
         if not FLAGS.export_from or FLAGS["dtype"].present:
             float_dtype(FLAGS.dtype)
         check_apart(FLAGS.out_dir, {f"--{name}": FLAGS[name].value
-                                    for name in ("hf_dir", "export_from", "vit_dir", "llm_dir")})
+                                    for name in ("hf_dir", "export_from", "vit_dir", "llm_dir", "gptq_from")})
         out = as_path(FLAGS.out_dir)
         if out.exists() and not FLAGS.overwrite:
             raise cli.UserError(f"--out_dir {out} already exists (pass --overwrite to replace it)")
@@ -151,6 +167,12 @@ def _check_flags() -> tuple[tuple[int, int, int] | None, int]:
         for name in ("hf_dir", "vit_dir", "llm_dir"):
             if FLAGS[name].value and not as_path(FLAGS[name].value).is_dir():
                 raise cli.UserError(f"--{name} {FLAGS[name].value}: no such folder")
+        if FLAGS.gptq_from:
+            from nvlm_jax.eval.tasks import get_task
+
+            locate(FLAGS.gptq_from, parse_step(FLAGS.step))
+            for name in FLAGS.calibration_task:
+                get_task(name)
         if FLAGS.export_from:
             located = locate(FLAGS.export_from, parse_step(FLAGS.step))
             if located.kind == "hf":
@@ -200,6 +222,8 @@ def main(argv: Sequence[str]) -> None:
                                     vit_dummy_heads=FLAGS.vit_dummy_heads, max_shard_bytes=max_shard,
                                     overwrite=FLAGS.overwrite, progress=FLAGS.progress,
                                     merge_lora=FLAGS.merge_lora, remote_code_repo=FLAGS.remote_code_repo)
+        elif FLAGS.gptq_from:
+            out = _gptq()
         else:
             out = assemble(FLAGS.vit_dir, FLAGS.llm_dir, FLAGS.out_dir, arch=FLAGS.arch, dtype=FLAGS.dtype,
                            seed=FLAGS.seed, vit_dummy_heads=FLAGS.vit_dummy_heads or 0,
@@ -209,6 +233,18 @@ def main(argv: Sequence[str]) -> None:
         print(f"{cli.program()}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"wrote {out}")
+
+
+def _gptq():
+    """--gptq_from: load, calibrate on the tasks' prompts, quantize, save (see the flags)."""
+    import nvlm_jax
+    from nvlm_jax.checkpoint.gptq import task_inputs
+    from nvlm_jax.checkpoint.save_model import save_model
+
+    model = nvlm_jax.load_pretrained(FLAGS.gptq_from, dtype=FLAGS.dtype, step=parse_step(FLAGS.step))
+    inputs = task_inputs(model, FLAGS.calibration_task, FLAGS.calibration_data, FLAGS.calibration_samples)
+    quantized = nvlm_jax.quantize_gptq(model, inputs, FLAGS.quantize)
+    return save_model(quantized, FLAGS.out_dir, overwrite=FLAGS.overwrite)
 
 
 def _peak_rss_bytes() -> int | None:

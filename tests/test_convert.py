@@ -84,8 +84,36 @@ def test_export_from_a_training_workdir_carries_its_prompt_format(tmp_path):
     (["--out_dir=o"], "exactly one of: --hf_dir, --export_from"),
     (["--export_from={ckpt}", "--out_dir=o", "--quantize=int8"], "--quantize applies to --hf_dir imports"),
     (["--hf_dir={ckpt}", "--out_dir=o", "--quantize=int4", "--mesh=1,1,1"], "--quantize streams through one host"),
+    (["--gptq_from={ckpt}", "--out_dir=o", "--calibration_task=synthetic_colour"], "--gptq_from needs --quantize"),
+    (["--gptq_from={ckpt}", "--out_dir=o", "--quantize=int4"], "needs --quantize=int8|int4 and --calibration_task"),
+    (["--gptq_from={ckpt}", "--out_dir=o", "--quantize=int4", "--calibration_task=nosuch"],
+     "unknown eval task 'nosuch'"),
+    (["--gptq_from={ckpt}", "--out_dir=o", "--quantize=int4", "--calibration_task=synthetic_colour",
+      "--calibration_samples=0"], "--calibration_samples must be >= 1"),
 ])
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     run = _run_cli([a.format(ckpt=hc.tiny_converted()) for a in args], cwd=tmp_path)
     assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_gptq_from_a_training_workdir_writes_a_quantized_folder(tmp_path):
+    import nvlm_jax
+    from nvlm_jax.processing.prompt_format import PromptFormat
+    from tests.checkpoint.workdir import tiny_model, write_workdir
+
+    cfg, params, _ = tiny_model()
+    fmt = PromptFormat.for_model(cfg, max_tiles=2)
+    write_workdir(tmp_path / "run", cfg, params, [(1, None)], prompt_format=fmt)
+    run = _run_cli([f"--gptq_from={tmp_path / 'run'}", f"--out_dir={tmp_path / 'q'}", "--quantize=int4",
+                    "--calibration_task=synthetic_colour,synthetic_count", "--calibration_samples=3",
+                    "--dtype=float32", "--noprogress"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = nvlm_jax.load_pretrained(tmp_path / "q", dtype=None, verify=True)
+    assert model.config.quantize == "int4" and model.prompt_format == fmt and model.tokenizer is not None
+    assert model.params["llm"]["lm_head"]["kernel_q"].dtype == np.dtype("int4")
+    ref = nvlm_jax.load_pretrained(tmp_path / "run", dtype="float32")
+    ids = hc.prompt_ids(cfg, [1])[None]
+    pixels = np.random.default_rng(1).standard_normal((1, 28, 28, 3)).astype(np.float32)
+    want, got = np.asarray(ref.forward(ids, pixels)), np.asarray(model.forward(ids, pixels))
+    assert np.abs(got - want).max() < 0.5 * np.abs(want).max()  # random weights: a sanity bound

@@ -225,3 +225,24 @@ def quantize_gptq(model, inputs: Iterable[Any], mode: str = "int4", *, damping: 
     return NVLMModel(qcfg, params, model.tokenizer, model.mesh, model.rules, prompt_format=model.prompt_format,
                      source=model.source)
 
+
+
+def task_inputs(model, tasks: Iterable[str], data: str | None = None, count: int = 64, seed: int = 0) -> list[Any]:
+    """Calibration inputs from evaluation tasks (`nvlm_jax.eval.tasks`), asked as `nvlm_jax.eval`
+    asks them (the `ChatInputs` of each prompt): a synthetic task draws `count` examples of its
+    *training* split, any other reads the first `count` samples of its `data` JSONL."""
+    from nvlm_jax.eval import runner
+    from nvlm_jax.eval import tasks as task_lib
+
+    inputs = []
+    for name in tasks:
+        task = task_lib.get_task(name)
+        if task.synthetic is not None:
+            if data:
+                raise ValueError(f"task {name!r} is synthetic and takes no data file (got {data})")
+            samples = task_lib.synthetic_samples(task, count, tile_size=model.config.vision.image_size, seed=seed,
+                                                 split="train")
+        else:
+            samples = task_lib.load_samples(task, data, limit=count)
+        inputs += [model.prepare_chat(list(s.images) or None, runner.user_text(task, s)) for s in samples]
+    return inputs
