@@ -100,13 +100,16 @@ class _GramRecorder:
     def __init__(self, sink):
         self.sink = sink
 
+    def _send(self, gram, fingerprint):
+        self.sink(gram, fingerprint)
+
     def __call__(self, next_fun, args, kwargs, context):
         m = context.module
         if isinstance(m, Linear) and context.method_name == "__call__" and m.has_variable("params", "kernel"):
             x = args[0]
             x2 = x.reshape(-1, math.prod(x.shape[x.ndim - m.in_dims:])).astype(jnp.float32)
             kernel = m.get_variable("params", "kernel")
-            jax.debug.callback(self.sink, x2.T @ x2, kernel.reshape(-1)[:_FINGERPRINT])
+            jax.debug.callback(self._send, x2.T @ x2, kernel.reshape(-1)[:_FINGERPRINT])
         return next_fun(*args, **kwargs)
 
 
@@ -154,11 +157,14 @@ def linear_grams(model, inputs: Iterable[Any]) -> dict[bytes, np.ndarray]:
 
     recorder = _GramRecorder(sink)
     count = 0
-    for item in inputs:
-        args = item if isinstance(item, tuple) else (item,)
-        jax.block_until_ready(model.forward(*args, intercept=recorder))
-        count += 1
-    jax.effects_barrier()
+    try:
+        for item in inputs:
+            args = item if isinstance(item, tuple) else (item,)
+            jax.block_until_ready(model.forward(*args, intercept=recorder))
+            count += 1
+        jax.effects_barrier()
+    finally:
+        recorder.sink = None  # the jit cache keeps the recorder (a static argument), not the Grams
     if not count:
         raise ValueError("GPTQ calibration needs at least one input")
     return grams
