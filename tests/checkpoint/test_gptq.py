@@ -128,3 +128,20 @@ def test_calibration_needs_a_float_model_and_inputs(release):
         nvlm_jax.quantize_gptq(model, [], "int4")
     with pytest.raises(ValueError, match="must be one of"):
         nvlm_jax.quantize_gptq(model, _inputs(model.config, 1), "int2")
+
+
+def test_inputs_of_one_length_are_batched_and_give_the_same_grams(release):
+    model = nvlm_jax.load_pretrained(release.folder, dtype="float32")
+    inputs = _inputs(model.config, 3) + [(hc.prompt_ids(model.config, [], text=40)[None],),
+                                         model.prepare_chat(None, "hello there")]
+    rows = gptq.batched_rows(inputs)
+    assert sorted(ids.shape[0] for ids, _ in rows) == [1, 1, 3]
+    three = next(r for r in rows if r[0].shape[0] == 3)
+    np.testing.assert_array_equal(three[1], np.concatenate([p for _, p in inputs[:3]]))  # tiles in row order
+    together = gptq.linear_grams(model, inputs)
+    apart = [gptq.linear_grams(model, [x]) for x in inputs]
+    assert set(together) == set().union(*apart)
+    for key, gram in together.items():
+        np.testing.assert_allclose(gram, sum(g.get(key, 0) for g in apart), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="tuples; got one of 3 items"):
+        gptq.batched_rows([(1, 2, 3)])
