@@ -11,7 +11,7 @@ qmax + 0.5): a GPTQ model loads, saves and runs like any other quantized one.
     inputs = [model.prepare_chat([image], question) for image, question in calibration_set]
     quantized = nvlm_jax.quantize_gptq(model, inputs, "int4")
 
-On the main job's model, int4 top-1 agreement went from 89.6% (round-to-nearest) to 99.3%
+On the main job's model, int4 top-1 agreement went from 89.6% (round-to-nearest) to 99.1%
 (BUILD_NOTES, "GPTQ"). The per-column algorithm is ours, in numpy (float64): qwix's
 `qwix.contrib.gptq_core` (the tests' oracle) unrolls its column loop into the trace, which took
 35 s to compile for a 256-column kernel and 97 s for 768 columns, and 5 minutes eagerly for the
