@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,11 @@ def batch(model, examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("int8", "int4"),
-            answers: bool = True, gptq: bool = False, gptq_samples: int = 64) -> dict:
+            answers: bool = True, gptq: bool | Sequence[str] = False, gptq_samples: int = 64) -> dict:
     """The report (see module doc) of `checkpoint` over `samples` held-out examples per task;
-    `answers=False` skips the greedy answers (teacher-forced figures only); `gptq` adds each
-    mode quantized by GPTQ (`nvlm_jax.quantize_gptq`) on `gptq_samples` training examples per task."""
+    `answers=False` skips the greedy answers (teacher-forced figures only); `gptq` (True: every
+    mode, or a list of modes) adds those modes quantized by GPTQ (`nvlm_jax.quantize_gptq`) on
+    `gptq_samples` training examples per task."""
     base = nvlm_jax.load_pretrained(checkpoint, dtype="float32")
     examples = [ex for t in tasks for ex in synthetic.heldout_examples(t, samples)]
     ids, tiles, valid = batch(base, examples)
@@ -62,7 +64,8 @@ def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("in
         calibration = [batch(base, [ex])[:2] for t in tasks
                        for ex in synthetic.heldout_examples(t, gptq_samples, split="train")]
         report["gptq_calibration_examples"] = len(calibration)
-    for name in [m for mode in modes for m in ((mode, mode + "_gptq") if gptq else (mode,))]:
+    gptq_modes = modes if gptq is True else tuple(gptq or ())
+    for name in [m for mode in modes for m in ((mode, mode + "_gptq") if mode in gptq_modes else (mode,))]:
         mode = name.removesuffix("_gptq")
         if name.endswith("_gptq"):
             start = time.perf_counter()

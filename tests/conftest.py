@@ -17,3 +17,12 @@ import jax  # noqa: E402
 
 # Parity tests compare against float32 PyTorch; keep XLA's f32 matmuls at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow (end-to-end) tests run first. `--dist loadfile` hands files to the two
+    workers in collection order (`--no-loadscope-reorder` in pyproject keeps it; xdist's default
+    puts files with the most tests first, which left the few long end-to-end files for last and
+    one worker running them alone for minutes at the end of CI)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: files stay whole and in order
