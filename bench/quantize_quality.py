@@ -43,10 +43,10 @@ def batch(model, examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("int8", "int4"),
-            answers: bool = True, gptq: bool | Sequence[str] = False, gptq_samples: int = 64) -> dict:
+            answers: bool = True, gptq_modes: Sequence[str] = (), gptq_samples: int = 64) -> dict:
     """The report (see module doc) of `checkpoint` over `samples` held-out examples per task;
-    `answers=False` skips the greedy answers (teacher-forced figures only); `gptq` (True: every
-    mode, or a list of modes) adds those modes quantized by GPTQ (`nvlm_jax.quantize_gptq`) on
+    `answers=False` skips the greedy answers (teacher-forced figures only); `gptq_modes` adds
+    those modes quantized by GPTQ (`nvlm_jax.quantize_gptq`, reported as "<mode>_gptq") on
     `gptq_samples` training examples per task."""
     base = nvlm_jax.load_pretrained(checkpoint, dtype="float32")
     examples = [ex for t in tasks for ex in synthetic.heldout_examples(t, samples)]
@@ -60,11 +60,10 @@ def quality(checkpoint, tasks=("colour", "shape"), samples: int = 32, modes=("in
         ref_answers = [base.chat([ex.image], ex.question, max_new_tokens=8) for ex in examples]
         report["float32"] = {"exact_match": float(np.mean([r == ex.answer
                                                            for r, ex in zip(ref_answers, examples, strict=True)]))}
-    if gptq:  # calibrated on training examples (one per forward), never the held-out ones
+    if gptq_modes:  # calibrated on training examples, never the held-out ones
         calibration = [batch(base, [ex])[:2] for t in tasks
                        for ex in synthetic.heldout_examples(t, gptq_samples, split="train")]
         report["gptq_calibration_examples"] = len(calibration)
-    gptq_modes = modes if gptq is True else tuple(gptq or ())
     for name in [m for mode in modes for m in ((mode, mode + "_gptq") if mode in gptq_modes else (mode,))]:
         mode = name.removesuffix("_gptq")
         if name.endswith("_gptq"):
@@ -98,7 +97,7 @@ def main() -> None:
     p.add_argument("--gptq", action="store_true", help="also GPTQ-quantized models (int8_gptq, int4_gptq)")
     p.add_argument("--gptq_samples", type=int, default=64, help="GPTQ calibration (training) examples per task")
     a = p.parse_args()
-    print(json.dumps(quality(a.checkpoint, a.tasks.split(","), a.samples, gptq=a.gptq,
+    print(json.dumps(quality(a.checkpoint, a.tasks.split(","), a.samples, gptq_modes=("int8", "int4") if a.gptq else (),
                              gptq_samples=a.gptq_samples), indent=1))
 
 

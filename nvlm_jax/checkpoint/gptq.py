@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvlm_jax import weight_map as wm
 from nvlm_jax.checkpoint.quantized import kernel_paths
 from nvlm_jax.models import nvlm as nvlm_model
 from nvlm_jax.models import quantize as q_lib
@@ -50,7 +51,8 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, group: int, mode: str, *, dam
     """`(q [rows, cols], scale [rows, cols // group])` of `w [rows (outputs), cols (inputs)]`
     under the input Gram `gram [cols, cols]`, minimising `|(w - q * scale) x|` over the
     calibration inputs x; scales per `group` consecutive columns (`group = cols`: per row), set
-    from the error-updated weights as each group starts (as the GPTQ reference does).
+    as each group starts from the weights as the earlier column blocks left them (as the GPTQ
+    reference does).
 
     `damping` adds that fraction of the mean diagonal to `gram` (inputs that never vary would make
     it singular); inputs that are always zero get weight 0.
@@ -58,7 +60,7 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, group: int, mode: str, *, dam
     rows, cols = w.shape
     if gram.shape != (cols, cols) or cols % group:
         raise ValueError(f"{name}: Gram {gram.shape} / group {group} do not fit a kernel of {cols} inputs")
-    qmax = 127 if mode == "int8" else 7
+    top = q_lib.qmax(mode)
     w = np.array(w, np.float64)
     h = np.array(gram, np.float64)
     diag = np.diag(h).copy()
@@ -84,7 +86,7 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, group: int, mode: str, *, dam
                 scales[:, c // group] = s[:, 0]
                 scale = s[:, 0].astype(np.float64)
             col = w1[:, i]
-            qc = np.clip(np.rint(col / scale), -qmax - 1, qmax)
+            qc = np.clip(np.rint(col / scale), -top - 1, top)
             q[:, c] = qc
             err = (col - qc * scale) / u1[i, i]
             w1[:, i:] -= np.outer(err, u1[i, i:])
@@ -125,9 +127,7 @@ def _kernel_slices(params, cfg, mode) -> dict[bytes, Slice]:
     order) for every Linear kernel in `params` (a layer of a stacked kernel counts alone)."""
     out, seen = {}, {}
     for path, (scale_shape, order) in kernel_paths(cfg, mode).items():
-        kernel = params
-        for k in path:
-            kernel = kernel[k]
+        kernel = wm.tree_get(params, path)
         lead = next(i for i, o in enumerate(order) if o != i)  # stacked layer axes stay first
         layers = list(np.ndindex(*kernel.shape[:lead])) if lead else [None]
         flat = np.asarray(kernel.reshape(max(1, math.prod(kernel.shape[:lead])), -1)[:, :_FINGERPRINT])
@@ -217,12 +217,10 @@ def quantize_gptq(model, inputs: Iterable[Any], mode: str = "int4", *, damping: 
     unknown = set(grams) - set(slices)
     if unknown:
         raise ValueError(f"GPTQ calibration recorded {len(unknown)} Linear input(s) matching no kernel of the params")
-    by_kernel: dict[tuple[str, ...], dict[Any, tuple[np.ndarray, np.ndarray]]] = {}
+    by_kernel: dict[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]] = {}  # its slices, layer order
     rounded = []
     for key, (path, layer, scale_shape, order) in slices.items():
-        kernel = model.params
-        for k in path:
-            kernel = kernel[k]
+        kernel = wm.tree_get(model.params, path)
         w = np.asarray(kernel if layer is None else kernel[layer], np.float32)
         name = "/".join(path) + ("" if layer is None else str(list(layer)))
         if key in grams:
@@ -236,7 +234,7 @@ def quantize_gptq(model, inputs: Iterable[Any], mode: str = "int4", *, damping: 
             rounded.append(name)
             q, s = q_lib.quantize_array(w, scale_shape, mode)
             q = q.transpose(order)
-        by_kernel.setdefault(path, {})[layer] = (q, s)
+        by_kernel.setdefault(path, []).append((q, s))
     if rounded:
         _LOG.info("GPTQ: %d kernel(s) not reached by the calibration inputs were rounded to nearest: %s",
                   len(rounded), ", ".join(sorted(rounded)))
@@ -244,23 +242,16 @@ def quantize_gptq(model, inputs: Iterable[Any], mode: str = "int4", *, damping: 
     shardings = (tree_shardings(nvlm_model.abstract_params(qcfg), model.mesh, model.rules)
                  if model.mesh is not None else None)
     params = jax.tree_util.tree_map(lambda x: x, model.params)  # new dicts; other leaves shared
-    for path, layers in by_kernel.items():
-        parent, target = params, shardings
-        for k in path[:-1]:
-            parent = parent[k]
-            target = None if target is None else target[k]
+    for path, slices_q in by_kernel.items():
+        parent = wm.tree_get(params, path[:-1])
+        lead = parent["kernel"].shape[: parent["kernel"].ndim - slices_q[0][0].ndim]  # stacked layer axes
         del parent["kernel"]
         for i, which in enumerate(q_lib.QUANT_LEAVES):
-            if None in layers:
-                value = layers[None][i]
-            else:  # stacked: the layers' slices back in their [layers...] grid
-                grid = tuple(int(n) + 1 for n in np.max(list(layers), axis=0))
-                first = layers[(0,) * len(grid)][i]
-                value = np.stack([layers[j][i] for j in np.ndindex(*grid)]).reshape(grid + first.shape)
-            parent[which] = jax.device_put(value, None if target is None else target[which])
+            value = np.stack([x[i] for x in slices_q]).reshape(lead + slices_q[0][i].shape)
+            target = None if shardings is None else wm.tree_get(shardings, path[:-1] + (which,))
+            parent[which] = jax.device_put(value, target)
     return NVLMModel(qcfg, params, model.tokenizer, model.mesh, model.rules, prompt_format=model.prompt_format,
                      source=model.source)
-
 
 
 def task_inputs(model, tasks: Iterable[str], data: str | None = None, count: int = 64, seed: int = 0) -> list[Any]:

@@ -37,8 +37,8 @@ def save_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False) ->
     from nvlm_jax.processing.tokenizer import TINY_SPEC, make_tiny_tokenizer
 
     cfg, params = _stacked(model.params, model.config)
-    flat = {tuple(str(k.key) for k in path): ArrayParam(tuple(str(k.key) for k in path), leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    paths = [(tuple(str(k.key) for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)]
+    flat = {path: ArrayParam(path, leaf) for path, leaf in paths}
     spec = restore_lib.read_info(model.source).tokenizer if model.source is not None else None
     source = {"saved_from": None if model.source is None else os.fspath(model.source.path)}
     with tempfile.TemporaryDirectory(prefix="nvlm_tokenizer_") as tiny:

@@ -104,18 +104,23 @@ def _split(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(d for s, t in zip(scale_shape, _tiles(shape, scale_shape), strict=True) for d in (s, t))
 
 
+def qmax(mode: str) -> int:
+    """The largest integer of `mode` (its range is [-qmax - 1, qmax])."""
+    return 127 if check_mode(mode) == "int8" else 7
+
+
 def quantize_array(w, scale_shape: Sequence[int], mode: str, xp=np):
     """`(q, scale)` of `w` (any float dtype) with `scale` of `scale_shape` (float32); `xp` is
     numpy (host) or jax.numpy (under jit). |w - dequantize(q, scale)| <= scale / 2 everywhere."""
-    qmax = 127 if mode == "int8" else 7
+    top = qmax(mode)
     split = _split(w.shape, scale_shape)
     tile_axes = tuple(range(1, len(split), 2))
     w32 = w.astype(np.float32).reshape(split)
     absmax = xp.max(xp.abs(w32), axis=tile_axes, keepdims=True)
-    scale = absmax / np.float32(qmax + 0.5)
+    scale = absmax / np.float32(top + 0.5)
     # An all-zero tile keeps scale 1 (as qwix): its values quantize to 0 either way.
     scale = xp.where(scale < np.sqrt(np.finfo(np.float32).tiny), np.float32(1), scale).astype(np.float32)
-    q = xp.clip(xp.round(w32 / scale), -qmax - 1, qmax).astype(qdtype(mode))
+    q = xp.clip(xp.round(w32 / scale), -top - 1, top).astype(qdtype(mode))
     return q.reshape(w.shape), scale.reshape(tuple(scale_shape))
 
 

@@ -29,7 +29,7 @@ def test_quantized_tiny_model_agrees_with_the_float_model(tmp_path):
     from nvlm_jax.train import launch
 
     launch.train(_tiny_config(), tmp_path, console=False)
-    report = quality(tmp_path, samples=32, answers=False, gptq=("int4",), gptq_samples=32)
+    report = quality(tmp_path, samples=32, answers=False, gptq_modes=("int4",), gptq_samples=32)
     assert report["positions"] >= 2000
     assert report["int8"]["top1_agreement"] >= 0.99, report
     assert report["int8"]["logit_err_max"] < 0.05 * report["logit_abs_max"], report
